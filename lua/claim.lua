@@ -1,0 +1,52 @@
+-- KEYS[1] slot hash  KEYS[2] tasks hash  KEYS[3] deadlines zset  KEYS[4] idle set
+-- KEYS[5] ended zset  KEYS[6] lease counter
+-- ARGV[1] slot id  ARGV[2] task id  ARGV[3] backend  ARGV[4] timeout ms
+-- ARGV[5] polled_at_ms: Redis time of a reply received before the poll began
+-- ARGV[6] stale_after_ms: how old polled_at_ms may be
+-- Returns  {"OK", now_ms, lease, deadline_ms} | {"SLOT_BUSY", now_ms}
+--        | {"TASK_BUSY", now_ms} | {"STALE", now_ms} | error "CORRUPT <key> ..."
+-- STALE: the task ended at or after polled_at_ms (the poll may predate its start),
+-- or the poll is older than stale_after_ms. Either way the caller polls again later.
+local slot_key, tasks_key, deadlines_key, idle_key, ended_key, lease_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local slot_id, task_id, backend = ARGV[1], ARGV[2], ARGV[3]
+local timeout, polled_at, stale_after = strict_int(ARGV[4]), strict_int(ARGV[5]), strict_int(ARGV[6])
+if timeout == nil or polled_at == nil or stale_after == nil or task_id == '' then
+  return redis.error_reply('ERR claim: bad arguments')
+end
+check_type(tasks_key, 'hash')
+check_type(deadlines_key, 'zset')
+check_type(idle_key, 'set')
+check_type(ended_key, 'zset')
+check_type(lease_key, 'string')
+local last_lease = redis.call('GET', lease_key)
+if last_lease and strict_int(last_lease) == nil then
+  corrupt(lease_key, 'holds a non-number')
+end
+local s, why = read_slot(slot_key)
+if s == nil then
+  corrupt(slot_key, why)
+end
+
+local now = now_ms()
+if s.state ~= 'idle' then
+  return {'SLOT_BUSY', now}
+end
+if redis.call('HEXISTS', tasks_key, task_id) == 1 then
+  return {'TASK_BUSY', now}
+end
+local ended_at = redis.call('ZSCORE', ended_key, task_id)
+if now - polled_at > stale_after or (ended_at and tonumber(ended_at) >= polled_at) then
+  return {'STALE', now}
+end
+
+local lease = redis.call('INCR', lease_key)
+local deadline = now + timeout
+redis.call('HSET', slot_key, 'state', 'busy', 'task_id', task_id, 'backend', backend,
+  'lease', lease, 'started_at_ms', now, 'last_keepalive_at_ms', now,
+  'deadline_ms', deadline, 'timeout_ms', timeout)
+redis.call('HSET', tasks_key, task_id, slot_id)
+redis.call('ZADD', deadlines_key, deadline, slot_id)
+redis.call('SREM', idle_key, slot_id)
+redis.call('ZREM', ended_key, task_id)
+return {'OK', now, lease, deadline}

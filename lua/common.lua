@@ -1,0 +1,86 @@
+-- KEYS  none               -- ARGV  none
+-- Returns  nothing: helpers that src/scripts.rs puts in front of every other script here.
+-- Every script checks all it reads before its first write, because Redis does not
+-- roll back a script that fails half-way.
+
+-- Redis server time in milliseconds: the one clock every replica shares.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Aborts the script (before any write) with an error naming the key.
+local function corrupt(key, why)
+  error({err = 'CORRUPT ' .. key .. ' ' .. why})
+end
+
+-- Checks that `key` is missing or of type `want`; anything else is foreign data.
+local function check_type(key, want)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= want then
+    corrupt(key, 'is a ' .. t .. ', expected a ' .. want)
+  end
+end
+
+-- A strict unsigned integer: digits only, at most 15 of them (exact in a Lua double).
+local function strict_int(v)
+  if type(v) ~= 'string' or #v == 0 or #v > 15 or not string.match(v, '^%d+$') then
+    return nil
+  end
+  return tonumber(v)
+end
+
+local TIME_FIELDS = {'lease', 'started_at_ms', 'last_keepalive_at_ms', 'deadline_ms', 'timeout_ms'}
+
+-- Reads and validates a slot hash. Returns the slot as a table (numbers parsed),
+-- or nil and the reason it is unreadable. Never writes.
+local function read_slot(key)
+  local t = redis.call('TYPE', key)['ok']
+  if t == 'none' then
+    return nil, 'is missing (slot not registered)'
+  end
+  if t ~= 'hash' then
+    return nil, 'is a ' .. t .. ', expected a hash'
+  end
+  local flat = redis.call('HGETALL', key)
+  local s = {}
+  for i = 1, #flat, 2 do
+    s[flat[i]] = flat[i + 1]
+  end
+  if s.state == 'idle' then
+    return s
+  end
+  if s.state ~= 'busy' and s.state ~= 'stopping' then
+    return nil, 'has state ' .. string.format('%q', tostring(s.state)) .. ', expected idle, busy or stopping'
+  end
+  for _, f in ipairs(TIME_FIELDS) do
+    local n = strict_int(s[f])
+    if n == nil then
+      return nil, 'has a bad or missing field ' .. f
+    end
+    s[f] = n
+  end
+  if s.task_id == nil or s.task_id == '' or s.backend == nil then
+    return nil, 'has no task_id or backend'
+  end
+  if s.state == 'stopping' then
+    local n = strict_int(s.reclaim_at_ms)
+    if n == nil then
+      return nil, 'has a bad or missing field reclaim_at_ms'
+    end
+    s.reclaim_at_ms = n
+  end
+  return s
+end
+
+-- The fields a slot drops when it becomes idle again.
+local HOLDER_FIELDS = {'task_id', 'backend', 'lease', 'started_at_ms', 'last_keepalive_at_ms',
+  'deadline_ms', 'stopping_reason', 'stopped_at_ms', 'reclaim_at_ms'}
+
+-- Makes a slot idle: clears the holder, queues it in the idle set, drops its deadline.
+local function make_idle(slot_key, slot_id, idle_key, deadlines_key)
+  redis.call('HDEL', slot_key, unpack(HOLDER_FIELDS))
+  redis.call('HSET', slot_key, 'state', 'idle')
+  redis.call('SADD', idle_key, slot_id)
+  redis.call('ZREM', deadlines_key, slot_id)
+end

@@ -1,0 +1,23 @@
+-- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[2+i] slot hash i
+-- ARGV[2i-1] slot id i  ARGV[2i] lease that stopped in slot i
+-- Returns  {freed_1, ..., freed_n}: 1 when slot i was stopping with that lease and is
+-- idle now; 0 when it was not (a sweep reclaimed it first, or it is corrupt).
+-- Called once the stop/timeout callbacks of the lease have returned.
+check_type(KEYS[1], 'zset')
+check_type(KEYS[2], 'set')
+local n = #KEYS - 2
+local slots = {}
+for i = 1, n do
+  slots[i] = read_slot(KEYS[2 + i])
+end
+local out = {}
+for i = 1, n do
+  local s = slots[i]
+  if s and s.state == 'stopping' and s.lease == strict_int(ARGV[2 * i]) then
+    make_idle(KEYS[2 + i], ARGV[2 * i - 1], KEYS[2], KEYS[1])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out

@@ -1,0 +1,49 @@
+-- KEYS[1] tasks hash  KEYS[2] slot hash  KEYS[3] deadlines zset  KEYS[4] ended zset
+-- KEYS[5] idle set
+-- ARGV[1] task id  ARGV[2] slot id the caller believes holds it
+-- ARGV[3] reason ("stop", "start_failed", "error")  ARGV[4] "stopping" or "idle"
+-- ARGV[5] lease the caller holds, or "" for whichever lease holds the task
+-- Returns  {"OK", now_ms, lease, backend, started_at_ms} | {"WRONG_TASK"}
+--        | {"MOVED", slot id} | {"LEASE_LOST", lease now in the slot} | error "CORRUPT <key> ..."
+-- Ends the task's hold. With "stopping" the slot stays unclaimable until free.lua
+-- (after the callbacks), or until reclaim_at_ms = now + timeout_ms if the caller dies.
+-- With "idle" the slot is free at once (a start that failed has no callbacks to wait for).
+local tasks_key, slot_key, deadlines_key, ended_key, idle_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local task_id, slot_id, reason, mode, want_lease = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if mode ~= 'stopping' and mode ~= 'idle' then
+  return redis.error_reply('ERR release: bad mode')
+end
+check_type(tasks_key, 'hash')
+check_type(deadlines_key, 'zset')
+check_type(ended_key, 'zset')
+check_type(idle_key, 'set')
+local owner = redis.call('HGET', tasks_key, task_id)
+if not owner then
+  return {'WRONG_TASK'}
+end
+if owner ~= slot_id then
+  return {'MOVED', owner}
+end
+local s, why = read_slot(slot_key)
+if s == nil then
+  corrupt(slot_key, why)
+end
+if s.state ~= 'busy' or s.task_id ~= task_id then
+  corrupt(tasks_key, 'maps the task to slot ' .. slot_id .. ', which does not hold it')
+end
+if want_lease ~= '' and s.lease ~= strict_int(want_lease) then
+  return {'LEASE_LOST', s.lease}
+end
+
+local now = now_ms()
+redis.call('HDEL', tasks_key, task_id)
+redis.call('ZADD', ended_key, now, task_id)
+if mode == 'idle' then
+  make_idle(slot_key, slot_id, idle_key, deadlines_key)
+else
+  local reclaim_at = now + s.timeout_ms
+  redis.call('HSET', slot_key, 'state', 'stopping', 'stopping_reason', reason,
+    'stopped_at_ms', now, 'reclaim_at_ms', reclaim_at)
+  redis.call('ZADD', deadlines_key, reclaim_at, slot_id)
+end
+return {'OK', now, s.lease, s.backend, s.started_at_ms}

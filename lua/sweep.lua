@@ -1,0 +1,45 @@
+-- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[3] tasks hash  KEYS[4] ended zset
+-- KEYS[4+i] slot hash i   -- ARGV[i] slot id i
+-- Returns  {now_ms, {slot_id, "timed_out", task_id, backend, lease, deadline_ms},
+--           {slot_id, "reclaimed", task_id, backend, lease, reclaim_at_ms},
+--           {slot_id, "corrupt", why}, ...}; slots not due are left out.
+-- Takes every due slot in one step. A busy slot past its deadline becomes "stopping"
+-- (its task leaves the index; the slot is not claimable until the caller's free, or
+-- until reclaim_at_ms = now + timeout_ms if that caller dies). A stopping slot past
+-- reclaim_at_ms (its callbacks never finished) becomes idle again.
+check_type(KEYS[1], 'zset')
+check_type(KEYS[2], 'set')
+check_type(KEYS[3], 'hash')
+check_type(KEYS[4], 'zset')
+local now = now_ms()
+
+local n = #KEYS - 4
+local slots, reasons = {}, {}
+for i = 1, n do
+  slots[i], reasons[i] = read_slot(KEYS[4 + i])
+end
+
+local out = {now}
+for i = 1, n do
+  local key, id, s = KEYS[4 + i], ARGV[i], slots[i]
+  if reasons[i] then
+    out[#out + 1] = {id, 'corrupt', reasons[i]}
+  elseif s.state == 'idle' then
+    -- A stale deadline of an idle slot (a hand edit, or a lost reply): drop it.
+    redis.call('ZREM', KEYS[1], id)
+  elseif s.state == 'busy' and s.deadline_ms <= now then
+    local reclaim_at = now + s.timeout_ms
+    redis.call('HSET', key, 'state', 'stopping', 'stopping_reason', 'timeout',
+      'stopped_at_ms', now, 'reclaim_at_ms', reclaim_at)
+    redis.call('ZADD', KEYS[1], reclaim_at, id)
+    if redis.call('HGET', KEYS[3], s.task_id) == id then
+      redis.call('HDEL', KEYS[3], s.task_id)
+    end
+    redis.call('ZADD', KEYS[4], now, s.task_id)
+    out[#out + 1] = {id, 'timed_out', s.task_id, s.backend, s.lease, s.deadline_ms}
+  elseif s.state == 'stopping' and s.reclaim_at_ms <= now then
+    make_idle(key, id, KEYS[2], KEYS[1])
+    out[#out + 1] = {id, 'reclaimed', s.task_id, s.backend, s.lease, s.reclaim_at_ms}
+  end
+end
+return out

@@ -1,0 +1,17 @@
+-- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[3] ended zset
+-- ARGV[1] most due slots to return  ARGV[2] how long ended tasks are remembered (ms)
+-- Returns  {now_ms, {due slot id, ...}, {idle slot id, ...}}
+-- The one call of a steady tick: what is due for the sweep and which slots are idle.
+-- Its only write forgets ended tasks older than ARGV[2].
+check_type(KEYS[1], 'zset')
+check_type(KEYS[2], 'set')
+check_type(KEYS[3], 'zset')
+local limit, memory = strict_int(ARGV[1]), strict_int(ARGV[2])
+if limit == nil or memory == nil then
+  return redis.error_reply('ERR tick: bad arguments')
+end
+local now = now_ms()
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (now - memory))
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
+local idle = redis.call('SMEMBERS', KEYS[2])
+return {now, due, idle}

@@ -1,0 +1,187 @@
+//! The `Backend` trait users implement, and its object-safe twin used inside.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+
+/// The error type backends return: any error that can cross threads.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Which backend callback failed, as passed to [`Backend::backend_error_callback`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Callback {
+    /// [`Backend::start_callback`].
+    Start,
+    /// [`Backend::stop_callback`].
+    Stop,
+    /// [`Backend::timeout_callback`].
+    Timeout,
+    /// [`Backend::keepalive_callback`].
+    Keepalive,
+}
+
+impl Callback {
+    /// The callback's name, as in logs: `start_callback`, ...
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Callback::Start => "start_callback",
+            Callback::Stop => "stop_callback",
+            Callback::Timeout => "timeout_callback",
+            Callback::Keepalive => "keepalive_callback",
+        }
+    }
+}
+
+impl fmt::Display for Callback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A source of tasks, and what to do when one starts, stops or times out.
+///
+/// Implement it with plain `async fn`s; only [`poll`](Backend::poll) and
+/// [`start_callback`](Backend::start_callback) are required. Several scheduler
+/// replicas may call the same backend concurrently, so methods take `&self`.
+///
+/// ```
+/// use task_semaphore::{Backend, BoxError};
+///
+/// struct Reports;
+///
+/// impl Backend for Reports {
+///     async fn poll(&self) -> Result<Option<String>, BoxError> {
+///         Ok(Some("report-42".to_owned())) // the next pending task, without side effects
+///     }
+///     async fn start_callback(&self, task_id: &str) -> Result<(), BoxError> {
+///         println!("launching {task_id}"); // mark it taken, launch it, do not wait for it
+///         Ok(())
+///     }
+/// }
+/// assert_eq!(task_semaphore::Backend::name(&Reports), "Reports");
+/// ```
+pub trait Backend: Send + Sync + 'static {
+    /// The name slots refer to in the configuration; by default the type's name
+    /// without its module path (`MyBackend`).
+    fn name(&self) -> &str {
+        short_type_name(std::any::type_name::<Self>())
+    }
+
+    /// The id of a task to start, or `None` when there is nothing to do.
+    ///
+    /// Must have no side effect: several replicas may poll the same task, and only
+    /// the one whose claim succeeds starts it. Ids must be non-empty and at most
+    /// [`MAX_TASK_ID_LEN`](crate::MAX_TASK_ID_LEN) bytes.
+    fn poll(&self) -> impl Future<Output = Result<Option<String>, BoxError>> + Send;
+
+    /// Launches the task, after its slot was claimed. Mark the task taken here (so
+    /// `poll` stops returning it) and return without waiting for the task to end.
+    ///
+    /// An error frees the slot (without `stop_callback`), after
+    /// [`backend_error_callback`](Backend::backend_error_callback) was told.
+    fn start_callback(&self, task_id: &str) -> impl Future<Output = Result<(), BoxError>> + Send;
+
+    /// The task left its slot: it stopped, or timed out (after `timeout_callback`).
+    /// Fires once per started task. The slot is not reused before this returns.
+    fn stop_callback(&self, task_id: &str) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let _ = task_id;
+        async { Ok(()) }
+    }
+
+    /// The task passed its deadline; runs before `stop_callback`, and before the slot
+    /// can be reused, so it is the place to kill a zombie.
+    fn timeout_callback(&self, task_id: &str) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let _ = task_id;
+        async { Ok(()) }
+    }
+
+    /// The task sent a keepalive and its deadline was pushed back.
+    fn keepalive_callback(&self, task_id: &str) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let _ = task_id;
+        async { Ok(()) }
+    }
+
+    /// A callback of this backend failed. Return `Ok(true)` to free the slot.
+    ///
+    /// The slot is freed anyway when `callback` is [`Callback::Start`] or when this
+    /// method itself fails; otherwise `Ok(false)` (the default) keeps it held (see
+    /// the README for what "held" means after each callback).
+    fn backend_error_callback(
+        &self,
+        task_id: &str,
+        error: &BoxError,
+        callback: Callback,
+    ) -> impl Future<Output = Result<bool, BoxError>> + Send {
+        let _ = (task_id, error, callback);
+        async { Ok(false) }
+    }
+
+    /// Whatever the backend wants to show in [`Scheduler::inspect`](crate::Scheduler::inspect).
+    fn inspect(&self) -> impl Future<Output = serde_json::Value> + Send {
+        async { serde_json::Value::Object(serde_json::Map::new()) }
+    }
+}
+
+/// `a::b::Name<c::D>` -> `Name`.
+fn short_type_name(full: &str) -> &str {
+    let head = full.split('<').next().unwrap_or(full);
+    head.rsplit("::").next().unwrap_or(head)
+}
+
+/// A boxed, sendable future.
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// [`Backend`] with boxed futures, so the scheduler can hold `dyn` backends.
+pub(crate) trait DynBackend: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    fn poll(&self) -> BoxFuture<'_, Result<Option<String>, BoxError>>;
+    fn call<'a>(&'a self, which: Callback, task_id: &'a str) -> BoxFuture<'a, Result<(), BoxError>>;
+    fn on_error<'a>(
+        &'a self,
+        task_id: &'a str,
+        error: &'a BoxError,
+        callback: Callback,
+    ) -> BoxFuture<'a, Result<bool, BoxError>>;
+    fn inspect(&self) -> BoxFuture<'_, serde_json::Value>;
+}
+
+impl<B: Backend> DynBackend for B {
+    fn name(&self) -> &str {
+        Backend::name(self)
+    }
+    fn poll(&self) -> BoxFuture<'_, Result<Option<String>, BoxError>> {
+        Box::pin(Backend::poll(self))
+    }
+    fn call<'a>(&'a self, which: Callback, task_id: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
+        match which {
+            Callback::Start => Box::pin(self.start_callback(task_id)),
+            Callback::Stop => Box::pin(self.stop_callback(task_id)),
+            Callback::Timeout => Box::pin(self.timeout_callback(task_id)),
+            Callback::Keepalive => Box::pin(self.keepalive_callback(task_id)),
+        }
+    }
+    fn on_error<'a>(
+        &'a self,
+        task_id: &'a str,
+        error: &'a BoxError,
+        callback: Callback,
+    ) -> BoxFuture<'a, Result<bool, BoxError>> {
+        Box::pin(self.backend_error_callback(task_id, error, callback))
+    }
+    fn inspect(&self) -> BoxFuture<'_, serde_json::Value> {
+        Box::pin(Backend::inspect(self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_type_name;
+
+    #[test]
+    /// The default backend name is the bare type name.
+    fn short_names() {
+        assert_eq!(short_type_name("my_crate::jobs::MyBackend"), "MyBackend");
+        assert_eq!(short_type_name("a::Wrap<b::Inner>"), "Wrap");
+        assert_eq!(short_type_name("Plain"), "Plain");
+    }
+}

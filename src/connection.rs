@@ -1,0 +1,123 @@
+//! The Redis connection: one multiplexed connection taken from the pool, shared by
+//! every call, replaced when it breaks.
+//!
+//! Why not `pool.get()` per call: deadpool-redis recycles a connection on every
+//! checkout with an `UNWATCH` + `PING` round trip, which would double the cost of a
+//! keepalive. A multiplexed connection already serves concurrent callers.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use deadpool_redis::{Pool, PoolError};
+use redis::aio::MultiplexedConnection;
+use redis::{Cmd, FromRedisValue, Pipeline, ScriptInvocation};
+
+use crate::error::{Error, Result};
+
+pub(crate) struct Redis {
+    pool: Pool,
+    current: Mutex<Option<MultiplexedConnection>>,
+    timeout: Duration,
+}
+
+impl Redis {
+    pub(crate) fn new(pool: Pool, timeout: Duration) -> Self {
+        Redis {
+            pool,
+            current: Mutex::new(None),
+            timeout,
+        }
+    }
+
+    async fn connection(&self, context: &'static str) -> Result<MultiplexedConnection> {
+        if let Some(conn) = self.lock().as_ref() {
+            return Ok(conn.clone());
+        }
+        let object = match tokio::time::timeout(self.timeout, self.pool.get()).await {
+            Ok(Ok(object)) => object,
+            Ok(Err(PoolError::Backend(source))) => return Err(Error::Redis { context, source }),
+            Ok(Err(source)) => return Err(Error::Pool { context, source }),
+            Err(_) => {
+                return Err(Error::Timeout {
+                    context,
+                    after: self.timeout,
+                })
+            }
+        };
+        let conn = deadpool_redis::Connection::take(object);
+        *self.lock() = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+        // A poisoned lock only means another thread panicked while swapping a
+        // connection handle; the handle inside is still usable.
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs one request; a broken connection is replaced and the request sent once more.
+    ///
+    /// A request lost in flight with its connection may have run: every script is
+    /// written so that running it again is harmless or reports why it did nothing.
+    async fn run<T, F, Fut>(&self, context: &'static str, send: F) -> Result<T>
+    where
+        F: Fn(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let conn = self.connection(context).await?;
+            let err = match tokio::time::timeout(self.timeout, send(conn)).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(source)) => Error::Redis { context, source },
+                Err(_) => Error::Timeout {
+                    context,
+                    after: self.timeout,
+                },
+            };
+            if err.is_connection_error() {
+                *self.lock() = None;
+                if attempt < 2 && !matches!(err, Error::Timeout { .. }) {
+                    tracing::debug!(%err, "redis connection lost; retrying once on a new one");
+                    continue;
+                }
+            }
+            return Err(err);
+        }
+    }
+
+    /// EVALSHA of a prepared script (a NOSCRIPT reply loads it and retries).
+    pub(crate) async fn eval<T: FromRedisValue>(
+        &self,
+        context: &'static str,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T> {
+        self.run(context, |mut conn| async move {
+            invocation.invoke_async(&mut conn).await
+        })
+        .await
+    }
+
+    /// One plain command.
+    pub(crate) async fn query<T: FromRedisValue>(&self, context: &'static str, cmd: &Cmd) -> Result<T> {
+        self.run(
+            context,
+            |mut conn| async move { cmd.query_async(&mut conn).await },
+        )
+        .await
+    }
+
+    /// A pipeline, in one round trip.
+    pub(crate) async fn pipeline<T: FromRedisValue>(
+        &self,
+        context: &'static str,
+        pipe: &Pipeline,
+    ) -> Result<T> {
+        self.run(
+            context,
+            |mut conn| async move { pipe.query_async(&mut conn).await },
+        )
+        .await
+    }
+}

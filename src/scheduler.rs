@@ -1,0 +1,986 @@
+//! The scheduler: its builder, the tick, keepalive, stop, inspect and run.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_redis::{Manager, Pool, Runtime};
+use redis::{AsyncConnectionConfig, Value};
+
+use crate::backend::{Backend, BoxError, Callback, DynBackend};
+use crate::config::{self, SlotConfig};
+use crate::connection::Redis;
+use crate::error::{Error, Result};
+use crate::keys::Keys;
+use crate::report::{Inspection, ScheduleReport, SlotTask, Stage, TickError};
+use crate::scripts::{self, Claim, ClaimArgs, Held, RegisterSlot, ReleaseMode, Swept};
+use crate::slot::{from_ms, strict_u64, SlotState, SlotStatus};
+
+/// The longest task id accepted, in bytes (64 KiB).
+pub const MAX_TASK_ID_LEN: usize = 64 * 1024;
+
+/// The key prefix when none is set.
+pub const DEFAULT_KEY_PREFIX: &str = "task_semaphore";
+
+/// Slots per sweep or register script call, so no call blocks Redis for long.
+const CHUNK: usize = 500;
+
+/// Due slots one tick reads at a time; more are read by a further tick call.
+const MAX_DUE: usize = 10_000;
+
+/// Builds a [`Scheduler`]: name, Redis, backends and slots. Errors surface at
+/// [`build`](SchedulerBuilder::build).
+#[must_use]
+pub struct SchedulerBuilder {
+    name: String,
+    prefix: String,
+    redis_url: Option<String>,
+    pool: Option<Pool>,
+    backends: Vec<Arc<dyn DynBackend>>,
+    slots: Vec<SlotConfig>,
+    errors: Vec<Error>,
+    redis_timeout: Duration,
+    stale_poll_after: Duration,
+}
+
+impl fmt::Debug for SchedulerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SchedulerBuilder")
+            .field("name", &self.name)
+            .field("prefix", &self.prefix)
+            .field(
+                "backends",
+                &self.backends.iter().map(|b| b.name()).collect::<Vec<_>>(),
+            )
+            .field("slots", &self.slots)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SchedulerBuilder {
+    /// Where Redis is, as a `redis://` URL. The scheduler makes its own pool.
+    pub fn redis_url(mut self, url: impl Into<String>) -> Self {
+        self.redis_url = Some(url.into());
+        self
+    }
+
+    /// A pool the caller owns. The scheduler takes one connection from it and keeps
+    /// it (a multiplexed connection serves all concurrent calls), taking another
+    /// when that one breaks.
+    pub fn redis_pool(mut self, pool: Pool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Registers a backend under [`Backend::name`].
+    pub fn backend(mut self, backend: impl Backend) -> Self {
+        self.backends.push(Arc::new(backend));
+        self
+    }
+
+    /// Adds the slots of a JSON list, in the predecessor's format (see the README).
+    /// Can be called more than once.
+    pub fn load_json(mut self, json: &str) -> Self {
+        match config::parse_json(json) {
+            Ok(slots) => self.slots.extend(slots),
+            Err(e) => self.errors.push(e),
+        }
+        self
+    }
+
+    /// Adds one slot.
+    pub fn slot(mut self, slot: SlotConfig) -> Self {
+        self.slots.push(slot);
+        self
+    }
+
+    /// The start of every key (default `task_semaphore`).
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long one Redis request may take before it fails with
+    /// [`Error::Timeout`] (default 5 s). Bounds every call when Redis is unreachable.
+    pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        self.redis_timeout = timeout;
+        self
+    }
+
+    /// How old a poll may be when its claim reaches Redis (default 60 s); an older
+    /// one is dropped and the slot polls again on the next tick. It is also how long
+    /// Redis remembers ended tasks to refuse stale polls of them.
+    pub fn stale_poll_after(mut self, window: Duration) -> Self {
+        self.stale_poll_after = window;
+        self
+    }
+
+    /// Checks the configuration, connects, and registers the slots in Redis
+    /// (creating missing ones as idle; busy ones are left as they are).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid name, prefix, slot list, unknown or
+    /// duplicate backend or slot, or no Redis given; [`Error::Redis`],
+    /// [`Error::Timeout`] or [`Error::Pool`] when Redis cannot be reached;
+    /// [`Error::CorruptState`] when a shared key of the scheduler holds foreign data.
+    pub async fn build(self) -> Result<Scheduler> {
+        if let Some(first) = self.errors.into_iter().next() {
+            return Err(first);
+        }
+        config::validate_name("scheduler name", &self.name)?;
+        config::validate_name("key prefix", &self.prefix)?;
+        let stale_after_ms = u64::try_from(self.stale_poll_after.as_millis()).unwrap_or(u64::MAX);
+        if stale_after_ms == 0 || self.redis_timeout.is_zero() {
+            return Err(Error::Config(
+                "stale_poll_after and redis_timeout must be positive".into(),
+            ));
+        }
+        let mut backend_index = HashMap::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            if b.name().is_empty() {
+                return Err(Error::Config("a backend has an empty name".into()));
+            }
+            if backend_index.insert(b.name().to_owned(), i).is_some() {
+                return Err(Error::Config(format!(
+                    "backend {:?} is registered twice",
+                    b.name()
+                )));
+            }
+        }
+        if self.slots.is_empty() {
+            return Err(Error::Config(
+                "no slots: load_json or slot must add at least one".into(),
+            ));
+        }
+        let mut slot_index = HashMap::new();
+        let mut slots = Vec::with_capacity(self.slots.len());
+        for (i, config) in self.slots.into_iter().enumerate() {
+            config.validate()?;
+            if slot_index.insert(config.slot_id.clone(), i).is_some() {
+                return Err(Error::Config(format!(
+                    "slot id {:?} appears twice",
+                    config.slot_id
+                )));
+            }
+            let backends = config
+                .backends
+                .iter()
+                .map(|name| {
+                    backend_index.get(name).copied().ok_or_else(|| {
+                        Error::Config(format!(
+                            "slot {:?} names backend {name:?}, which is not registered",
+                            config.slot_id
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let backends_json = serde_json::to_string(&config.backends)
+                .map_err(|e| Error::Config(format!("slot {:?}: {e}", config.slot_id)))?;
+            slots.push(SlotDef {
+                config,
+                backends,
+                backends_json,
+            });
+        }
+        let pool = match (self.pool, self.redis_url) {
+            (Some(pool), None) => pool,
+            (None, Some(url)) => make_pool(&url, self.redis_timeout)?,
+            (None, None) => return Err(Error::Config("give redis_url or redis_pool".into())),
+            (Some(_), Some(_)) => return Err(Error::Config("give redis_url or redis_pool, not both".into())),
+        };
+        let inner = Inner {
+            keys: Keys::new(&self.prefix, &self.name),
+            name: self.name,
+            redis: Redis::new(pool, self.redis_timeout),
+            slots,
+            slot_index,
+            backends: self.backends,
+            backend_index,
+            stale_after_ms,
+            located: Mutex::new(HashMap::new()),
+        };
+        let scheduler = Scheduler {
+            inner: Arc::new(inner),
+        };
+        scheduler.register().await?;
+        Ok(scheduler)
+    }
+}
+
+fn make_pool(url: &str, timeout: Duration) -> Result<Pool> {
+    let connection = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout));
+    let manager = Manager::new_with_config(url, connection).map_err(|source| Error::Redis {
+        context: "reading the redis url",
+        source,
+    })?;
+    Pool::builder(manager)
+        .max_size(4)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
+        .build()
+        .map_err(|e| Error::Config(format!("cannot build the redis pool: {e}")))
+}
+
+/// A slot of this replica's configuration.
+struct SlotDef {
+    config: SlotConfig,
+    /// Indexes into `Inner::backends`, in polling order.
+    backends: Vec<usize>,
+    backends_json: String,
+}
+
+struct Inner {
+    name: String,
+    keys: Keys,
+    redis: Redis,
+    slots: Vec<SlotDef>,
+    slot_index: HashMap<String, usize>,
+    backends: Vec<Arc<dyn DynBackend>>,
+    backend_index: HashMap<String, usize>,
+    stale_after_ms: u64,
+    /// Task id -> slot id, a hint that saves the index lookup of a keepalive or stop;
+    /// the scripts check it, so a stale hint costs one retry, never a wrong write.
+    located: Mutex<HashMap<String, String>>,
+}
+
+/// Caps how many tasks run at once: N slots in Redis, filled from backends.
+///
+/// Cheap to clone (an `Arc` inside); every method takes `&self`, so one value can
+/// serve a tick loop and the keepalive/stop calls of many tasks at once. Several
+/// processes with the same name and config may run against one Redis.
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("name", &self.inner.name)
+            .field("slots", &self.inner.slots.len())
+            .field(
+                "backends",
+                &self.inner.backends.iter().map(|b| b.name()).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// The last Redis time seen, and when (local monotonic clock) it was seen.
+struct Clock {
+    redis_ms: u64,
+    seen: Instant,
+}
+
+impl Clock {
+    fn new(redis_ms: u64) -> Self {
+        Clock {
+            redis_ms,
+            seen: Instant::now(),
+        }
+    }
+    fn saw(&mut self, redis_ms: u64) {
+        *self = Clock::new(redis_ms);
+    }
+}
+
+/// Checks a task id before it goes to Redis.
+fn check_task_id(task_id: &str) -> Result<()> {
+    if task_id.is_empty() {
+        return Err(Error::InvalidTaskId("it is empty".into()));
+    }
+    if task_id.len() > MAX_TASK_ID_LEN {
+        return Err(Error::InvalidTaskId(format!(
+            "it is {} bytes long; the limit is {MAX_TASK_ID_LEN}",
+            task_id.len()
+        )));
+    }
+    Ok(())
+}
+
+fn record(
+    sink: &mut Vec<TickError>,
+    stage: Stage,
+    slot_id: &str,
+    backend: Option<&str>,
+    task_id: Option<&str>,
+    message: impl fmt::Display,
+) {
+    let message = message.to_string();
+    tracing::warn!(?stage, slot_id, backend, task_id, "{message}");
+    sink.push(TickError {
+        stage,
+        slot_id: Some(slot_id.to_owned()),
+        backend: backend.map(str::to_owned),
+        task_id: task_id.map(str::to_owned),
+        message,
+    });
+}
+
+impl Scheduler {
+    /// Starts building a scheduler; `name` is its Redis namespace.
+    pub fn builder(name: impl Into<String>) -> SchedulerBuilder {
+        SchedulerBuilder {
+            name: name.into(),
+            prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            redis_url: None,
+            pool: None,
+            backends: Vec::new(),
+            slots: Vec::new(),
+            errors: Vec::new(),
+            redis_timeout: Duration::from_secs(5),
+            stale_poll_after: Duration::from_secs(60),
+        }
+    }
+
+    /// The scheduler's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The slots of this replica's configuration, in order.
+    pub fn slots(&self) -> impl Iterator<Item = &SlotConfig> {
+        self.inner.slots.iter().map(|s| &s.config)
+    }
+
+    /// The glob pattern of every Redis key of this scheduler, for `redis-cli --scan --pattern`.
+    pub fn key_pattern(&self) -> String {
+        self.inner.keys.pattern()
+    }
+
+    async fn register(&self) -> Result<()> {
+        let inner = &self.inner;
+        for chunk in inner.slots.chunks(CHUNK) {
+            let args: Vec<RegisterSlot<'_>> = chunk
+                .iter()
+                .map(|s| RegisterSlot {
+                    slot_id: &s.config.slot_id,
+                    backends_json: &s.backends_json,
+                    timeout_ms: s.config.timeout_ms(),
+                })
+                .collect();
+            let statuses = scripts::register(&inner.redis, &inner.keys, &args).await?;
+            for (slot, status) in chunk.iter().zip(statuses) {
+                if let Some(why) = status.strip_prefix("corrupt ") {
+                    tracing::error!(
+                        key = inner.keys.slot(&slot.config.slot_id),
+                        "slot {:?} is corrupt and will not be used: {why}",
+                        slot.config.slot_id
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn backend(&self, name: &str) -> Option<&Arc<dyn DynBackend>> {
+        self.inner
+            .backend_index
+            .get(name)
+            .map(|&i| &self.inner.backends[i])
+    }
+
+    fn remember(&self, task_id: &str, slot_id: &str) {
+        let mut located = self.inner.located.lock().unwrap_or_else(|p| p.into_inner());
+        // A hint cache, bounded: clearing it only costs lookups.
+        if located.len() > 4 * self.inner.slots.len() + 1024 {
+            located.clear();
+        }
+        located.insert(task_id.to_owned(), slot_id.to_owned());
+    }
+
+    fn forget(&self, task_id: &str) {
+        let mut located = self.inner.located.lock().unwrap_or_else(|p| p.into_inner());
+        located.remove(task_id);
+    }
+
+    /// Which slot holds the task: the local hint, else the index in Redis.
+    async fn locate(&self, task_id: &str) -> Result<String> {
+        let hint = {
+            let located = self.inner.located.lock().unwrap_or_else(|p| p.into_inner());
+            located.get(task_id).cloned()
+        };
+        if let Some(slot_id) = hint {
+            return Ok(slot_id);
+        }
+        let keys = &self.inner.keys;
+        let found: Option<String> = self
+            .inner
+            .redis
+            .query(
+                "looking up a task",
+                redis::cmd("HGET").arg(&keys.tasks).arg(task_id),
+            )
+            .await
+            .map_err(|e| match e {
+                Error::Redis { ref source, .. } if source.code() == Some("WRONGTYPE") => {
+                    Error::CorruptState {
+                        key: keys.tasks.clone(),
+                        detail: "is not a hash".into(),
+                    }
+                }
+                other => other,
+            })?;
+        found.ok_or_else(|| Error::WrongTaskId(task_id.to_owned()))
+    }
+
+    /// Asks the backend what to do after `error` in `callback`; true frees the slot.
+    async fn tell_error(
+        &self,
+        backend: &Arc<dyn DynBackend>,
+        slot_id: &str,
+        task_id: &str,
+        error: &BoxError,
+        callback: Callback,
+        sink: &mut Vec<TickError>,
+    ) -> bool {
+        record(
+            sink,
+            Stage::Callback(callback),
+            slot_id,
+            Some(backend.name()),
+            Some(task_id),
+            error,
+        );
+        match backend.on_error(task_id, error, callback).await {
+            Ok(free) => free,
+            Err(e) => {
+                let stage = Stage::ErrorCallback(callback);
+                record(sink, stage, slot_id, Some(backend.name()), Some(task_id), e);
+                true
+            }
+        }
+    }
+
+    /// Runs the callbacks of a hold that ended (timeout_callback first when it timed
+    /// out, then stop_callback). Returns whether the slot may be freed now.
+    async fn finish(
+        &self,
+        slot_id: &str,
+        task_id: &str,
+        backend_name: &str,
+        timed_out: bool,
+        sink: &mut Vec<TickError>,
+    ) -> bool {
+        let Some(backend) = self.backend(backend_name) else {
+            let msg = format!(
+                "backend {backend_name:?} is not registered in this replica; the slot is freed without callbacks"
+            );
+            record(
+                sink,
+                Stage::UnknownBackend,
+                slot_id,
+                Some(backend_name),
+                Some(task_id),
+                msg,
+            );
+            return true;
+        };
+        if timed_out {
+            if let Err(e) = backend.call(Callback::Timeout, task_id).await {
+                if !self
+                    .tell_error(backend, slot_id, task_id, &e, Callback::Timeout, sink)
+                    .await
+                {
+                    return false;
+                }
+            }
+        }
+        match backend.call(Callback::Stop, task_id).await {
+            Ok(()) => true,
+            Err(e) => {
+                self.tell_error(backend, slot_id, task_id, &e, Callback::Stop, sink)
+                    .await
+            }
+        }
+    }
+
+    /// Refreshes the clock from Redis when it is too old to date a poll.
+    async fn fresh_clock(&self, clock: &mut Clock) -> Result<()> {
+        if clock.seen.elapsed().as_millis() < u128::from(self.inner.stale_after_ms / 2) {
+            return Ok(());
+        }
+        let (secs, micros): (u64, u64) = self
+            .inner
+            .redis
+            .query("reading redis time", &redis::cmd("TIME"))
+            .await?;
+        clock.saw(secs * 1000 + micros / 1000);
+        Ok(())
+    }
+
+    /// Polls the backends of one idle slot in order and starts the first task whose
+    /// claim succeeds. Returns whether the slot was filled.
+    async fn fill_slot(&self, index: usize, clock: &mut Clock, report: &mut ScheduleReport) -> Result<bool> {
+        let inner = &self.inner;
+        let slot = &inner.slots[index];
+        let slot_id = slot.config.slot_id.as_str();
+        for &b in &slot.backends {
+            let backend = &inner.backends[b];
+            let name = backend.name();
+            self.fresh_clock(clock).await?;
+            // Redis time of a reply that came before this poll began: the claim uses it
+            // to refuse a task that ended after it (a stale poll).
+            let polled_at_ms = clock.redis_ms;
+            let task_id = match backend.poll().await {
+                Ok(Some(task_id)) => task_id,
+                Ok(None) => continue,
+                Err(e) => {
+                    record(&mut report.errors, Stage::Poll, slot_id, Some(name), None, e);
+                    continue;
+                }
+            };
+            if let Err(e) = check_task_id(&task_id) {
+                record(&mut report.errors, Stage::Poll, slot_id, Some(name), None, e);
+                continue;
+            }
+            let args = ClaimArgs {
+                slot_id,
+                task_id: &task_id,
+                backend: name,
+                timeout_ms: slot.config.timeout_ms(),
+                polled_at_ms,
+                stale_after_ms: inner.stale_after_ms,
+            };
+            let lease = match scripts::claim(&inner.redis, &inner.keys, &args).await {
+                Ok(Claim::Ok { now_ms, lease }) => {
+                    clock.saw(now_ms);
+                    lease
+                }
+                Ok(Claim::SlotBusy { now_ms }) => {
+                    clock.saw(now_ms);
+                    return Ok(false);
+                }
+                Ok(Claim::TaskBusy { now_ms } | Claim::Stale { now_ms }) => {
+                    clock.saw(now_ms);
+                    continue;
+                }
+                Err(e @ Error::CorruptState { .. }) => {
+                    record(
+                        &mut report.errors,
+                        Stage::CorruptSlot,
+                        slot_id,
+                        Some(name),
+                        Some(&task_id),
+                        e,
+                    );
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            };
+            self.remember(&task_id, slot_id);
+            match backend.call(Callback::Start, &task_id).await {
+                Ok(()) => {
+                    report.started.push(SlotTask {
+                        slot_id: slot_id.to_owned(),
+                        task_id,
+                        backend: name.to_owned(),
+                        lease,
+                        at: from_ms(clock.redis_ms),
+                    });
+                    return Ok(true);
+                }
+                Err(e) => {
+                    // The slot is freed whatever the error callback says.
+                    self.tell_error(
+                        backend,
+                        slot_id,
+                        &task_id,
+                        &e,
+                        Callback::Start,
+                        &mut report.errors,
+                    )
+                    .await;
+                    self.forget(&task_id);
+                    let released = scripts::release(
+                        &inner.redis,
+                        &inner.keys,
+                        &task_id,
+                        slot_id,
+                        "start_failed",
+                        ReleaseMode::Idle,
+                        Some(lease),
+                    )
+                    .await;
+                    match released {
+                        Ok(Held::Ok(r)) => clock.saw(r.now_ms),
+                        Ok(_) => {} // already gone: swept or reclaimed meanwhile
+                        Err(e) => record(
+                            &mut report.errors,
+                            Stage::Redis,
+                            slot_id,
+                            Some(name),
+                            Some(&task_id),
+                            e,
+                        ),
+                    }
+                    // A slot whose start failed is not polled again in this tick.
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// One tick: sweeps expired slots (`timeout_callback`, then `stop_callback`,
+    /// then the slot is free), then fills every idle slot of this replica's config,
+    /// in config order, each polling its backends in order.
+    ///
+    /// Errors of a single slot (a failing poll or callback, a corrupt slot) do not
+    /// stop the tick; they are in [`ScheduleReport::errors`] and logged.
+    ///
+    /// # Errors
+    /// [`Error::Redis`], [`Error::Timeout`], [`Error::Pool`] when Redis fails;
+    /// [`Error::CorruptState`] when a shared key of the scheduler holds foreign data.
+    pub async fn schedule(&self) -> Result<ScheduleReport> {
+        let inner = &self.inner;
+        let ended_memory_ms = inner.stale_after_ms.saturating_mul(2);
+        let mut report = ScheduleReport::default();
+        let mut tick = scripts::tick(&inner.redis, &inner.keys, MAX_DUE, ended_memory_ms).await?;
+        let mut clock = Clock::new(tick.now_ms);
+        let mut idle: BTreeSet<usize> = BTreeSet::new();
+        // Bounded, so that slots due again and again (corrupt ones) cannot loop forever.
+        for round in 0..10 {
+            idle.extend(
+                tick.idle
+                    .iter()
+                    .filter_map(|id| inner.slot_index.get(id).copied()),
+            );
+            for chunk in tick.due.chunks(CHUNK) {
+                let (now_ms, swept) = scripts::sweep(&inner.redis, &inner.keys, chunk).await?;
+                clock.saw(now_ms);
+                let mut to_free = Vec::new();
+                for item in swept {
+                    match item {
+                        Swept::TimedOut {
+                            slot_id,
+                            task_id,
+                            backend,
+                            lease,
+                        } => {
+                            self.forget(&task_id);
+                            if self
+                                .finish(&slot_id, &task_id, &backend, true, &mut report.errors)
+                                .await
+                            {
+                                to_free.push((slot_id.clone(), lease));
+                            }
+                            let at = from_ms(now_ms);
+                            report.timed_out.push(SlotTask {
+                                slot_id,
+                                task_id,
+                                backend,
+                                lease,
+                                at,
+                            });
+                        }
+                        Swept::Reclaimed {
+                            slot_id,
+                            task_id,
+                            backend,
+                            lease,
+                        } => {
+                            tracing::warn!(
+                                slot_id,
+                                task_id,
+                                lease,
+                                "reclaimed a slot whose callbacks never finished"
+                            );
+                            idle.extend(inner.slot_index.get(&slot_id).copied());
+                            let at = from_ms(now_ms);
+                            report.reclaimed.push(SlotTask {
+                                slot_id,
+                                task_id,
+                                backend,
+                                lease,
+                                at,
+                            });
+                        }
+                        Swept::Corrupt { slot_id, why } => {
+                            let msg = format!("key {} {why}", inner.keys.slot(&slot_id));
+                            record(&mut report.errors, Stage::CorruptSlot, &slot_id, None, None, msg);
+                        }
+                    }
+                }
+                if !to_free.is_empty() {
+                    let freed = scripts::free(&inner.redis, &inner.keys, &to_free).await?;
+                    for ((slot_id, _), freed) in to_free.iter().zip(freed) {
+                        if freed {
+                            idle.extend(inner.slot_index.get(slot_id).copied());
+                        }
+                    }
+                }
+            }
+            if tick.due.len() < MAX_DUE || round == 9 {
+                break;
+            }
+            tick = scripts::tick(&inner.redis, &inner.keys, MAX_DUE, ended_memory_ms).await?;
+            clock.saw(tick.now_ms);
+        }
+        for index in idle {
+            if !self.fill_slot(index, &mut clock, &mut report).await? {
+                report.idle += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Pushes the task's deadline to now + its slot's timeout (Redis time), then
+    /// runs the backend's `keepalive_callback`.
+    ///
+    /// A failing `keepalive_callback` goes to `backend_error_callback`; when that
+    /// returns `Ok(true)` or fails, the task's hold ends as by [`stop`](Self::stop).
+    ///
+    /// # Errors
+    /// [`Error::WrongTaskId`] when the task holds no slot; [`Error::Expired`] when
+    /// its deadline has already passed (it is about to be timed out);
+    /// [`Error::InvalidTaskId`]; Redis errors as for [`schedule`](Self::schedule).
+    pub async fn keepalive(&self, task_id: &str) -> Result<()> {
+        check_task_id(task_id)?;
+        let inner = &self.inner;
+        for _ in 0..3 {
+            let slot_id = self.locate(task_id).await?;
+            match scripts::keepalive(&inner.redis, &inner.keys, task_id, &slot_id).await? {
+                Held::Ok(kept) => {
+                    self.remember(task_id, &slot_id);
+                    let Some(backend) = self.backend(&kept.backend) else {
+                        tracing::warn!(
+                            backend = kept.backend,
+                            "keepalive of a task whose backend is not registered here"
+                        );
+                        return Ok(());
+                    };
+                    if let Err(e) = backend.call(Callback::Keepalive, task_id).await {
+                        let mut errors = Vec::new();
+                        if self
+                            .tell_error(backend, &slot_id, task_id, &e, Callback::Keepalive, &mut errors)
+                            .await
+                        {
+                            self.end(task_id, &slot_id, "error", &mut errors).await?;
+                        }
+                    }
+                    return Ok(());
+                }
+                Held::WrongTask | Held::LeaseLost => {
+                    self.forget(task_id);
+                    return Err(Error::WrongTaskId(task_id.to_owned()));
+                }
+                Held::Moved(owner) => self.remember(task_id, &owner),
+                Held::Expired => {
+                    self.forget(task_id);
+                    return Err(Error::Expired {
+                        task_id: task_id.to_owned(),
+                        slot_id,
+                    });
+                }
+            }
+        }
+        Err(Error::WrongTaskId(task_id.to_owned()))
+    }
+
+    /// Ends the task's hold on `slot_id`, runs `stop_callback`, frees the slot.
+    /// Returns the Redis time of the release when the slot was freed.
+    async fn end(
+        &self,
+        task_id: &str,
+        slot_id: &str,
+        reason: &str,
+        errors: &mut Vec<TickError>,
+    ) -> Result<Option<u64>> {
+        let inner = &self.inner;
+        let mut slot_id = slot_id.to_owned();
+        for _ in 0..3 {
+            let released = scripts::release(
+                &inner.redis,
+                &inner.keys,
+                task_id,
+                &slot_id,
+                reason,
+                ReleaseMode::Stopping,
+                None,
+            )
+            .await?;
+            match released {
+                Held::Ok(r) => {
+                    self.forget(task_id);
+                    if !self.finish(&slot_id, task_id, &r.backend, false, errors).await {
+                        return Ok(None);
+                    }
+                    let freed = scripts::free(&inner.redis, &inner.keys, &[(slot_id, r.lease)]).await?;
+                    return Ok(freed.first().copied().unwrap_or(false).then_some(r.now_ms));
+                }
+                Held::Moved(owner) => {
+                    self.remember(task_id, &owner);
+                    slot_id = owner;
+                }
+                Held::WrongTask | Held::Expired | Held::LeaseLost => break,
+            }
+        }
+        self.forget(task_id);
+        Err(Error::WrongTaskId(task_id.to_owned()))
+    }
+
+    /// Frees the task's slot: runs `stop_callback`, makes the slot idle, and at
+    /// once polls that slot's backends to start the next task in it (when the slot
+    /// is in this replica's config). Errors of that refill are logged, not returned.
+    ///
+    /// # Errors
+    /// [`Error::WrongTaskId`] when the task holds no slot; [`Error::InvalidTaskId`];
+    /// Redis errors as for [`schedule`](Self::schedule).
+    pub async fn stop(&self, task_id: &str) -> Result<()> {
+        check_task_id(task_id)?;
+        let slot_id = self.locate(task_id).await?;
+        let mut report = ScheduleReport::default();
+        let freed_at = self.end(task_id, &slot_id, "stop", &mut report.errors).await?;
+        if let (Some(now_ms), Some(&index)) = (freed_at, self.inner.slot_index.get(&slot_id)) {
+            let mut clock = Clock::new(now_ms);
+            if let Err(e) = self.fill_slot(index, &mut clock, &mut report).await {
+                tracing::warn!(slot_id, "refilling the slot after a stop failed: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Every slot of this replica's config as Redis has it (one pipelined round
+    /// trip), and each backend's own `inspect`.
+    ///
+    /// # Errors
+    /// Redis errors as for [`schedule`](Self::schedule); [`Error::CorruptState`]
+    /// when the lease counter is not a number. A corrupt slot is not an error: it
+    /// shows as [`SlotStatus::Corrupt`].
+    pub async fn inspect(&self) -> Result<Inspection> {
+        let inner = &self.inner;
+        let slots: Vec<(String, Option<Vec<String>>)> = inner
+            .slots
+            .iter()
+            .map(|s| (s.config.slot_id.clone(), Some(s.config.backends.clone())))
+            .collect();
+        let mut inspection = read_state(&inner.redis, &inner.keys, &inner.name, slots).await?;
+        for backend in &inner.backends {
+            inspection
+                .backends
+                .insert(backend.name().to_owned(), backend.inspect().await);
+        }
+        Ok(inspection)
+    }
+
+    /// Calls [`schedule`](Self::schedule) every `every` until `shutdown` completes.
+    /// A tick in progress is finished first, so no slot is left half-released.
+    /// A failing tick is logged (`tracing`) and the loop goes on: Redis coming back
+    /// is picked up by the next tick.
+    ///
+    /// # Errors
+    /// None today; the `Result` leaves room for fatal conditions later.
+    pub async fn run(&self, every: Duration, shutdown: impl Future<Output = ()>) -> Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            match self.schedule().await {
+                Ok(report) => tracing::debug!(
+                    started = report.started.len(),
+                    timed_out = report.timed_out.len(),
+                    errors = report.errors.len(),
+                    "tick"
+                ),
+                Err(e) => tracing::error!("tick of scheduler {:?} failed: {e}", self.inner.name),
+            }
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return Ok(()),
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+}
+
+/// Reads the state of a scheduler without its config or backends: the slots every
+/// replica registered, for operators' tools (`task-semaphore inspect`).
+///
+/// # Errors
+/// As for [`Scheduler::inspect`], plus [`Error::Config`] for an invalid name or prefix.
+pub async fn inspect_redis(redis_url: &str, key_prefix: &str, name: &str) -> Result<Inspection> {
+    config::validate_name("scheduler name", name)?;
+    config::validate_name("key prefix", key_prefix)?;
+    let timeout = Duration::from_secs(5);
+    let redis = Redis::new(make_pool(redis_url, timeout)?, timeout);
+    let keys = Keys::new(key_prefix, name);
+    let mut ids: Vec<String> = redis
+        .query("listing slots", redis::cmd("SMEMBERS").arg(&keys.slots))
+        .await?;
+    // Numbers in numeric order, then the rest by text.
+    ids.sort_by(|a, b| match (strict_u64(a), strict_u64(b)) {
+        (Some(x), Some(y)) => x.cmp(&y),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => a.cmp(b),
+    });
+    read_state(
+        &redis,
+        &keys,
+        name,
+        ids.into_iter().map(|id| (id, None)).collect(),
+    )
+    .await
+}
+
+/// One pipeline: Redis time, the lease counter, and every slot's hash.
+async fn read_state(
+    redis: &Redis,
+    keys: &Keys,
+    name: &str,
+    slots: Vec<(String, Option<Vec<String>>)>,
+) -> Result<Inspection> {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    pipe.cmd("TIME").get(&keys.lease);
+    for (id, _) in &slots {
+        pipe.hgetall(keys.slot(id));
+    }
+    let mut replies: Vec<redis::RedisResult<Value>> = redis.pipeline("reading slots", &pipe).await?;
+    let mut replies = replies.drain(..);
+    let now = match replies.next() {
+        Some(Ok(v)) => redis::from_redis_value::<(u64, u64)>(v).ok(),
+        _ => None,
+    };
+    let now = now.map(|(s, us)| from_ms(s * 1000 + us / 1000));
+    let lease = match replies.next() {
+        Some(Ok(v)) => redis::from_redis_value::<Option<String>>(v).ok().flatten(),
+        _ => Some("not a string".to_owned()),
+    };
+    let last_lease = match lease {
+        None => 0,
+        Some(text) => strict_u64(&text).ok_or_else(|| Error::CorruptState {
+            key: keys.lease.clone(),
+            detail: format!("holds {text:?}, not a lease number"),
+        })?,
+    };
+    let mut states = Vec::with_capacity(slots.len());
+    for ((id, backends), reply) in slots.into_iter().zip(replies) {
+        let state = match reply.map(redis::from_redis_value::<HashMap<String, String>>) {
+            Ok(Ok(fields)) => SlotState::from_fields(id, backends, fields),
+            Ok(Err(e)) => SlotState::new(
+                id,
+                backends.unwrap_or_default(),
+                SlotStatus::Corrupt(e.to_string()),
+            ),
+            Err(e) => SlotState::new(
+                id,
+                backends.unwrap_or_default(),
+                SlotStatus::Corrupt(e.to_string()),
+            ),
+        };
+        states.push(state);
+    }
+    Ok(Inspection {
+        name: name.to_owned(),
+        now: now.unwrap_or_else(std::time::SystemTime::now),
+        last_lease,
+        slots: states,
+        backends: BTreeMap::new(),
+    })
+}

@@ -1,0 +1,456 @@
+//! The Lua scripts of `lua/`, built once, and one typed wrapper per script: the
+//! only Rust place that knows each script's KEYS and ARGV order.
+
+use std::sync::LazyLock;
+
+use include_dir::{include_dir, Dir};
+use redis::{Script, Value};
+
+use crate::connection::Redis;
+use crate::error::{Error, Result};
+use crate::keys::Keys;
+
+static LUA: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/lua");
+
+/// Every script, with `common.lua` in front; SHA1s computed once per process.
+pub(crate) struct Scripts {
+    register: Script,
+    tick: Script,
+    sweep: Script,
+    claim: Script,
+    keepalive: Script,
+    release: Script,
+    free: Script,
+}
+
+static SCRIPTS: LazyLock<std::result::Result<Scripts, String>> = LazyLock::new(|| {
+    let file = |name: &str| {
+        LUA.get_file(name)
+            .and_then(|f| f.contents_utf8())
+            .ok_or_else(|| format!("lua/{name} is missing from the build"))
+    };
+    let common = file("common.lua")?;
+    let script = |name: &str| file(name).map(|body| Script::new(&format!("{common}\n{body}")));
+    Ok(Scripts {
+        register: script("register.lua")?,
+        tick: script("tick.lua")?,
+        sweep: script("sweep.lua")?,
+        claim: script("claim.lua")?,
+        keepalive: script("keepalive.lua")?,
+        release: script("release.lua")?,
+        free: script("free.lua")?,
+    })
+});
+
+fn scripts() -> Result<&'static Scripts> {
+    SCRIPTS.as_ref().map_err(|e| Error::Config(e.clone()))
+}
+
+/// Turns a script's `CORRUPT <key> <why>` error into [`Error::CorruptState`],
+/// finding the key among those the script was given.
+fn corrupt_or(err: Error, keys: &[&str]) -> Error {
+    let Error::Redis { source, .. } = &err else {
+        return err;
+    };
+    if source.code() != Some("CORRUPT") {
+        return err;
+    }
+    let detail = source.detail().unwrap_or_default();
+    // Redis appends " script: <sha>, on @user_script:<line>." to errors raised in Lua.
+    let detail = detail.split(" script: ").next().unwrap_or(detail);
+    let key = keys
+        .iter()
+        .filter(|k| detail.starts_with(&format!("{k} ")))
+        .max_by_key(|k| k.len());
+    match key {
+        Some(key) => Error::CorruptState {
+            key: (*key).to_owned(),
+            detail: detail[key.len() + 1..].to_owned(),
+        },
+        None => Error::CorruptState {
+            key: "?".into(),
+            detail: detail.to_owned(),
+        },
+    }
+}
+
+/// A reply of unexpected shape: only a mismatch between this build and its scripts.
+fn bad_reply(script: &'static str, value: &Value) -> Error {
+    Error::Redis {
+        context: script,
+        source: redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "unexpected script reply",
+            format!("{value:?}"),
+        )),
+    }
+}
+
+/// Small readers for script replies.
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+fn int(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        Value::BulkString(_) | Value::SimpleString(_) => text(v).and_then(|t| t.parse().ok()),
+        _ => None,
+    }
+}
+fn array(v: &Value) -> Option<&[Value]> {
+    match v {
+        Value::Array(items) | Value::Set(items) => Some(items),
+        _ => None,
+    }
+}
+fn texts(v: &Value) -> Option<Vec<String>> {
+    array(v)?.iter().map(text).collect()
+}
+
+// ---------------------------------------------------------------- register.lua
+
+/// One slot to register: its id, backends (JSON list) and timeout.
+pub(crate) struct RegisterSlot<'a> {
+    pub(crate) slot_id: &'a str,
+    pub(crate) backends_json: &'a str,
+    pub(crate) timeout_ms: u64,
+}
+
+/// Creates missing slots, refreshes config fields. Returns one status per slot:
+/// `created`, `ok`, or `corrupt <why>`.
+pub(crate) async fn register(redis: &Redis, keys: &Keys, slots: &[RegisterSlot<'_>]) -> Result<Vec<String>> {
+    let script = &scripts()?.register;
+    let mut inv = script.prepare_invoke();
+    inv.key(&keys.slots).key(&keys.idle).key(&keys.deadlines);
+    let slot_keys: Vec<String> = slots.iter().map(|s| keys.slot(s.slot_id)).collect();
+    for (slot, key) in slots.iter().zip(&slot_keys) {
+        inv.key(key)
+            .arg(slot.slot_id)
+            .arg(slot.backends_json)
+            .arg(slot.timeout_ms);
+    }
+    let value: Value = redis.eval("registering slots", &inv).await.map_err(|e| {
+        let mut all = vec![keys.slots.as_str(), &keys.idle, &keys.deadlines];
+        all.extend(slot_keys.iter().map(String::as_str));
+        corrupt_or(e, &all)
+    })?;
+    texts(&value)
+        .filter(|t| t.len() == slots.len())
+        .ok_or_else(|| bad_reply("register", &value))
+}
+
+// ---------------------------------------------------------------- tick.lua
+
+/// What a steady tick reads: Redis time, due slots, idle slots.
+pub(crate) struct Tick {
+    pub(crate) now_ms: u64,
+    pub(crate) due: Vec<String>,
+    pub(crate) idle: Vec<String>,
+}
+
+pub(crate) async fn tick(redis: &Redis, keys: &Keys, max_due: usize, ended_memory_ms: u64) -> Result<Tick> {
+    let script = &scripts()?.tick;
+    let mut inv = script.prepare_invoke();
+    inv.key(&keys.deadlines).key(&keys.idle).key(&keys.ended);
+    inv.arg(max_due).arg(ended_memory_ms);
+    let value: Value = redis
+        .eval("reading due and idle slots", &inv)
+        .await
+        .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle, &keys.ended]))?;
+    let parsed = array(&value).and_then(|a| match a {
+        [now, due, idle] => Some(Tick {
+            now_ms: int(now)?,
+            due: texts(due)?,
+            idle: texts(idle)?,
+        }),
+        _ => None,
+    });
+    parsed.ok_or_else(|| bad_reply("tick", &value))
+}
+
+// ---------------------------------------------------------------- sweep.lua
+
+/// What the sweep did to one due slot.
+pub(crate) enum Swept {
+    /// The task passed its deadline; the slot is stopping until `free`.
+    TimedOut {
+        slot_id: String,
+        task_id: String,
+        backend: String,
+        lease: u64,
+    },
+    /// A stopping slot whose callbacks never finished is idle again.
+    Reclaimed {
+        slot_id: String,
+        task_id: String,
+        backend: String,
+        lease: u64,
+    },
+    /// The slot's hash is unreadable; left alone.
+    Corrupt { slot_id: String, why: String },
+}
+
+pub(crate) async fn sweep(redis: &Redis, keys: &Keys, slot_ids: &[String]) -> Result<(u64, Vec<Swept>)> {
+    let script = &scripts()?.sweep;
+    let mut inv = script.prepare_invoke();
+    inv.key(&keys.deadlines)
+        .key(&keys.idle)
+        .key(&keys.tasks)
+        .key(&keys.ended);
+    for id in slot_ids {
+        inv.key(keys.slot(id)).arg(id);
+    }
+    let value: Value = redis
+        .eval("sweeping expired slots", &inv)
+        .await
+        .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle, &keys.tasks, &keys.ended]))?;
+    let parse = |item: &Value| -> Option<Swept> {
+        let a = array(item)?;
+        let slot_id = text(a.first()?)?;
+        let kind = text(a.get(1)?)?;
+        Some(match kind.as_str() {
+            "corrupt" => Swept::Corrupt {
+                slot_id,
+                why: text(a.get(2)?)?,
+            },
+            "timed_out" | "reclaimed" => {
+                let (task_id, backend, lease) = (text(a.get(2)?)?, text(a.get(3)?)?, int(a.get(4)?)?);
+                if kind == "timed_out" {
+                    Swept::TimedOut {
+                        slot_id,
+                        task_id,
+                        backend,
+                        lease,
+                    }
+                } else {
+                    Swept::Reclaimed {
+                        slot_id,
+                        task_id,
+                        backend,
+                        lease,
+                    }
+                }
+            }
+            _ => return None,
+        })
+    };
+    let items = array(&value).ok_or_else(|| bad_reply("sweep", &value))?;
+    let (now, rest) = items.split_first().ok_or_else(|| bad_reply("sweep", &value))?;
+    let now = int(now).ok_or_else(|| bad_reply("sweep", &value))?;
+    let swept = rest.iter().map(parse).collect::<Option<Vec<_>>>();
+    Ok((now, swept.ok_or_else(|| bad_reply("sweep", &value))?))
+}
+
+// ---------------------------------------------------------------- claim.lua
+
+/// A claim request for one slot.
+pub(crate) struct ClaimArgs<'a> {
+    pub(crate) slot_id: &'a str,
+    pub(crate) task_id: &'a str,
+    pub(crate) backend: &'a str,
+    pub(crate) timeout_ms: u64,
+    /// Redis time of a reply received before the poll began.
+    pub(crate) polled_at_ms: u64,
+    pub(crate) stale_after_ms: u64,
+}
+
+/// The claim's outcome; each carries Redis time.
+pub(crate) enum Claim {
+    Ok { now_ms: u64, lease: u64 },
+    SlotBusy { now_ms: u64 },
+    TaskBusy { now_ms: u64 },
+    Stale { now_ms: u64 },
+}
+
+pub(crate) async fn claim(redis: &Redis, keys: &Keys, args: &ClaimArgs<'_>) -> Result<Claim> {
+    let script = &scripts()?.claim;
+    let slot_key = keys.slot(args.slot_id);
+    let mut inv = script.prepare_invoke();
+    inv.key(&slot_key)
+        .key(&keys.tasks)
+        .key(&keys.deadlines)
+        .key(&keys.idle)
+        .key(&keys.ended)
+        .key(&keys.lease);
+    inv.arg(args.slot_id)
+        .arg(args.task_id)
+        .arg(args.backend)
+        .arg(args.timeout_ms)
+        .arg(args.polled_at_ms)
+        .arg(args.stale_after_ms);
+    let value: Value = redis.eval("claiming a slot", &inv).await.map_err(|e| {
+        corrupt_or(
+            e,
+            &[
+                &slot_key,
+                &keys.tasks,
+                &keys.deadlines,
+                &keys.idle,
+                &keys.ended,
+                &keys.lease,
+            ],
+        )
+    })?;
+    let parsed = array(&value).and_then(|a| {
+        let status = text(a.first()?)?;
+        let now_ms = int(a.get(1)?)?;
+        Some(match status.as_str() {
+            "OK" => Claim::Ok {
+                now_ms,
+                lease: int(a.get(2)?)?,
+            },
+            "SLOT_BUSY" => Claim::SlotBusy { now_ms },
+            "TASK_BUSY" => Claim::TaskBusy { now_ms },
+            "STALE" => Claim::Stale { now_ms },
+            _ => return None,
+        })
+    });
+    parsed.ok_or_else(|| bad_reply("claim", &value))
+}
+
+// ---------------------------------------------------------------- keepalive.lua / release.lua
+
+/// Outcomes shared by the scripts that find a task through the index.
+pub(crate) enum Held<T> {
+    Ok(T),
+    /// The task holds no slot.
+    WrongTask,
+    /// The task holds another slot than the caller thought.
+    Moved(String),
+    /// (keepalive) the deadline has passed.
+    Expired,
+    /// (release) the slot holds another lease than the caller's.
+    LeaseLost,
+}
+
+/// A successful keepalive.
+pub(crate) struct KeptAlive {
+    pub(crate) backend: String,
+}
+
+fn held<T>(value: &Value, script: &'static str, ok: impl Fn(&[Value]) -> Option<T>) -> Result<Held<T>> {
+    let parsed = array(value).and_then(|a| {
+        Some(match text(a.first()?)?.as_str() {
+            "OK" => Held::Ok(ok(a)?),
+            "WRONG_TASK" => Held::WrongTask,
+            "MOVED" => Held::Moved(text(a.get(1)?)?),
+            "EXPIRED" => Held::Expired,
+            "LEASE_LOST" => Held::LeaseLost,
+            _ => return None,
+        })
+    });
+    parsed.ok_or_else(|| bad_reply(script, value))
+}
+
+pub(crate) async fn keepalive(
+    redis: &Redis,
+    keys: &Keys,
+    task_id: &str,
+    slot_id: &str,
+) -> Result<Held<KeptAlive>> {
+    let script = &scripts()?.keepalive;
+    let slot_key = keys.slot(slot_id);
+    let mut inv = script.prepare_invoke();
+    inv.key(&keys.tasks)
+        .key(&slot_key)
+        .key(&keys.deadlines)
+        .arg(task_id)
+        .arg(slot_id);
+    let value: Value = redis
+        .eval("extending a deadline", &inv)
+        .await
+        .map_err(|e| corrupt_or(e, &[&keys.tasks, &slot_key, &keys.deadlines]))?;
+    held(&value, "keepalive", |a| {
+        Some(KeptAlive {
+            backend: text(a.get(4)?)?,
+        })
+    })
+}
+
+/// How a release leaves the slot.
+#[derive(Clone, Copy)]
+pub(crate) enum ReleaseMode {
+    /// Unclaimable until `free` (callbacks to run first).
+    Stopping,
+    /// Idle at once (a failed start: no callbacks).
+    Idle,
+}
+
+/// A successful release.
+pub(crate) struct Released {
+    pub(crate) now_ms: u64,
+    pub(crate) lease: u64,
+    pub(crate) backend: String,
+}
+
+/// Ends a task's hold on its slot. `lease` (when given) must be the slot's lease.
+pub(crate) async fn release(
+    redis: &Redis,
+    keys: &Keys,
+    task_id: &str,
+    slot_id: &str,
+    reason: &str,
+    mode: ReleaseMode,
+    lease: Option<u64>,
+) -> Result<Held<Released>> {
+    let script = &scripts()?.release;
+    let slot_key = keys.slot(slot_id);
+    let mut inv = script.prepare_invoke();
+    inv.key(&keys.tasks)
+        .key(&slot_key)
+        .key(&keys.deadlines)
+        .key(&keys.ended)
+        .key(&keys.idle);
+    let mode = match mode {
+        ReleaseMode::Stopping => "stopping",
+        ReleaseMode::Idle => "idle",
+    };
+    inv.arg(task_id)
+        .arg(slot_id)
+        .arg(reason)
+        .arg(mode)
+        .arg(lease.map(|l| l.to_string()).unwrap_or_default());
+    let value: Value = redis.eval("releasing a slot", &inv).await.map_err(|e| {
+        corrupt_or(
+            e,
+            &[&keys.tasks, &slot_key, &keys.deadlines, &keys.ended, &keys.idle],
+        )
+    })?;
+    held(&value, "release", |a| {
+        Some(Released {
+            now_ms: int(a.get(1)?)?,
+            lease: int(a.get(2)?)?,
+            backend: text(a.get(3)?)?,
+        })
+    })
+}
+
+// ---------------------------------------------------------------- free.lua
+
+/// Makes stopping slots idle once their callbacks returned; `(slot id, lease)` pairs.
+/// Returns, per slot, whether it was freed (false: someone reclaimed it first).
+pub(crate) async fn free(redis: &Redis, keys: &Keys, slots: &[(String, u64)]) -> Result<Vec<bool>> {
+    let script = &scripts()?.free;
+    let mut inv = script.prepare_invoke();
+    inv.key(&keys.deadlines).key(&keys.idle);
+    for (slot_id, lease) in slots {
+        inv.key(keys.slot(slot_id)).arg(slot_id).arg(lease);
+    }
+    let value: Value = redis
+        .eval("freeing slots", &inv)
+        .await
+        .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle]))?;
+    let flags = array(&value)
+        .and_then(|a| {
+            a.iter()
+                .map(|v| int(v).map(|i| i == 1))
+                .collect::<Option<Vec<_>>>()
+        })
+        .filter(|f| f.len() == slots.len());
+    flags.ok_or_else(|| bad_reply("free", &value))
+}

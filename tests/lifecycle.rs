@@ -1,0 +1,374 @@
+//! The life of a slot in one replica: fill, keepalive, stop, timeout, callbacks.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{builder, holders, key, raw, tasks, unique_name, Fake};
+use task_semaphore::{Callback, Error, Scheduler, SlotConfig, SlotStatus, Stage};
+
+const LONG: Duration = Duration::from_secs(3600);
+
+#[tokio::test]
+/// A tick fills every idle slot, in slot order, and never more than N tasks.
+async fn tick_fills_idle_slots_up_to_the_cap() {
+    let name = unique_name("fill");
+    let fake = Fake::with_tasks("Jobs", tasks("t", 5));
+    let s = builder(&name, &fake, 3, LONG).build().await.unwrap();
+    let report = s.schedule().await.unwrap();
+    let started: Vec<_> = report
+        .started
+        .iter()
+        .map(|t| (t.slot_id.as_str(), t.task_id.as_str()))
+        .collect();
+    assert_eq!(started, [("1", "t0"), ("2", "t1"), ("3", "t2")]);
+    assert_eq!(fake.ledger().running.len(), 3);
+    // Leases are strictly increasing.
+    let leases: Vec<u64> = report.started.iter().map(|t| t.lease).collect();
+    assert!(leases.windows(2).all(|w| w[0] < w[1]), "{leases:?}");
+    // A second tick has nothing to do: every slot is busy.
+    let again = s.schedule().await.unwrap();
+    assert!(again.started.is_empty());
+    assert_eq!(fake.ledger().pending, ["t3", "t4"]);
+}
+
+#[tokio::test]
+/// A slot polls its backends in order: the first `Some` wins.
+async fn backends_are_polled_in_order() {
+    let name = unique_name("order");
+    let a = Fake::new("A");
+    let b = Fake::with_tasks("B", ["b1", "b2"]);
+    let s = Scheduler::builder(&name)
+        .redis_url(common::redis_url())
+        .backend(a.clone())
+        .backend(b.clone())
+        .load_json(r#"[{"slot_id": 1, "backends": ["A", "B"]}, {"slot_id": 2, "backends": ["A", "B"]}]"#)
+        .build()
+        .await
+        .unwrap();
+    let r = s.schedule().await.unwrap();
+    assert_eq!(
+        r.started.iter().map(|t| t.backend.as_str()).collect::<Vec<_>>(),
+        ["B", "B"]
+    );
+    a.push(["a1"]);
+    s.stop("b1").await.unwrap();
+    // The freed slot 1 is refilled by stop itself, from A first.
+    let h = holders(&s).await;
+    assert_eq!(h["1"].as_deref(), Some("a1"));
+}
+
+#[tokio::test]
+/// `stop` fires stop_callback once, frees the slot and refills it at once.
+async fn stop_frees_and_refills() {
+    let name = unique_name("stop");
+    let fake = Fake::with_tasks("Jobs", ["a", "b"]);
+    let s = builder(&name, &fake, 1, LONG).build().await.unwrap();
+    s.schedule().await.unwrap();
+    s.stop("a").await.unwrap();
+    assert_eq!(fake.ledger().events_of("a"), ["start", "stop"]);
+    assert_eq!(holders(&s).await["1"].as_deref(), Some("b"));
+    // Stopping again is an error and touches nothing.
+    assert!(matches!(s.stop("a").await, Err(Error::WrongTaskId(t)) if t == "a"));
+    assert_eq!(holders(&s).await["1"].as_deref(), Some("b"));
+}
+
+#[tokio::test]
+/// Unknown task ids are `WrongTaskId` for stop and keepalive, and change nothing.
+async fn unknown_task_ids_are_refused() {
+    let name = unique_name("unknown");
+    let fake = Fake::with_tasks("Jobs", ["a"]);
+    let s = builder(&name, &fake, 2, LONG).build().await.unwrap();
+    s.schedule().await.unwrap();
+    let before = s.inspect().await.unwrap().slots;
+    assert!(matches!(s.stop("nope").await, Err(Error::WrongTaskId(_))));
+    assert!(matches!(s.keepalive("nope").await, Err(Error::WrongTaskId(_))));
+    assert!(matches!(s.stop("").await, Err(Error::InvalidTaskId(_))));
+    let huge = "x".repeat(task_semaphore::MAX_TASK_ID_LEN + 1);
+    assert!(matches!(s.keepalive(&huge).await, Err(Error::InvalidTaskId(_))));
+    assert_eq!(s.inspect().await.unwrap().slots, before);
+}
+
+#[tokio::test]
+/// keepalive pushes the deadline by the slot's timeout and fires keepalive_callback.
+async fn keepalive_extends_the_deadline() {
+    let name = unique_name("keepalive");
+    let fake = Fake::with_tasks("Jobs", ["a"]);
+    let s = builder(&name, &fake, 1, Duration::from_millis(600))
+        .build()
+        .await
+        .unwrap();
+    s.schedule().await.unwrap();
+    let first = s.inspect().await.unwrap().slots[0].clone();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        s.keepalive("a").await.unwrap();
+        assert!(s.schedule().await.unwrap().timed_out.is_empty());
+    }
+    let later = s.inspect().await.unwrap().slots[0].clone();
+    assert!(later.deadline > first.deadline);
+    assert!(later.last_keepalive_at > first.last_keepalive_at);
+    assert_eq!(
+        later
+            .deadline
+            .unwrap()
+            .duration_since(later.last_keepalive_at.unwrap())
+            .unwrap(),
+        Duration::from_millis(600)
+    );
+    assert_eq!(later.lease, first.lease);
+    assert_eq!(fake.ledger().count("keepalive", "a"), 4);
+}
+
+#[tokio::test]
+/// A task past its deadline is timed out: timeout_callback, then stop_callback,
+/// then the slot is refilled in the same tick; a late keepalive is refused.
+async fn timeout_sweeps_then_refills_in_the_same_tick() {
+    let name = unique_name("timeout");
+    let fake = Fake::with_tasks("Jobs", ["a", "b"]);
+    let s = builder(&name, &fake, 1, Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    s.schedule().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(matches!(s.keepalive("a").await, Err(Error::Expired { .. })));
+    let r = s.schedule().await.unwrap();
+    assert_eq!(r.timed_out.len(), 1);
+    assert_eq!(r.timed_out[0].task_id, "a");
+    assert_eq!(r.started.len(), 1);
+    assert_eq!(r.started[0].task_id, "b");
+    assert!(r.started[0].lease > r.timed_out[0].lease);
+    assert_eq!(fake.ledger().events_of("a"), ["start", "timeout", "stop"]);
+    assert!(matches!(s.keepalive("a").await, Err(Error::WrongTaskId(_))));
+}
+
+#[tokio::test]
+/// A failing start frees the slot without stop_callback, after the error callback,
+/// and that slot is not polled again in the same tick.
+async fn failed_start_frees_the_slot() {
+    let name = unique_name("startfail");
+    let fake = Fake::with_tasks("Jobs", ["bad", "good"]);
+    fake.ledger().fail.insert((Callback::Start, "bad".into()));
+    fake.ledger().error_answer = Some(false); // ignored: a failed start always frees
+    let s = builder(&name, &fake, 1, LONG).build().await.unwrap();
+    let r = s.schedule().await.unwrap();
+    assert!(r.started.is_empty());
+    assert_eq!(r.errors[0].stage, Stage::Callback(Callback::Start));
+    assert_eq!(fake.ledger().events_of("bad"), ["error:start_callback"]);
+    assert_eq!(holders(&s).await["1"], None);
+    // Next tick polls again; "bad" still fails, so make it succeed now.
+    fake.ledger().fail.clear();
+    let r = s.schedule().await.unwrap();
+    assert_eq!(r.started[0].task_id, "bad");
+}
+
+#[tokio::test]
+/// A failing poll is reported and does not keep other slots from filling.
+async fn poll_error_does_not_stop_other_slots() {
+    let name = unique_name("pollfail");
+    let broken = Fake::new("Broken");
+    broken.ledger().poll_fails = true;
+    let ok = Fake::with_tasks("Ok", ["x"]);
+    let s = Scheduler::builder(&name)
+        .redis_url(common::redis_url())
+        .backend(broken.clone())
+        .backend(ok.clone())
+        .slot(SlotConfig::new("a", ["Broken"]))
+        .slot(SlotConfig::new("b", ["Broken", "Ok"]))
+        .build()
+        .await
+        .unwrap();
+    let r = s.schedule().await.unwrap();
+    assert_eq!(r.started.len(), 1);
+    assert_eq!(r.started[0].slot_id, "b");
+    assert_eq!(r.errors.iter().filter(|e| e.stage == Stage::Poll).count(), 2);
+    assert_eq!(r.idle, 1);
+}
+
+#[tokio::test]
+/// A failing keepalive_callback keeps the slot when the error callback says so,
+/// and frees it (with stop_callback) when it says true or fails itself.
+async fn keepalive_callback_errors() {
+    for (answer, freed) in [(Some(false), false), (Some(true), true), (None, true)] {
+        let name = unique_name("kaerr");
+        let fake = Fake::with_tasks("Jobs", ["a"]);
+        fake.ledger().fail.insert((Callback::Keepalive, "a".into()));
+        fake.ledger().error_answer = answer;
+        let s = builder(&name, &fake, 1, LONG).build().await.unwrap();
+        s.schedule().await.unwrap();
+        s.keepalive("a").await.unwrap();
+        let held = holders(&s).await["1"].clone();
+        assert_eq!(held.is_none(), freed, "answer {answer:?}");
+        let expected: &[&str] = if freed {
+            &["start", "keepalive", "error:keepalive_callback", "stop"]
+        } else {
+            &["start", "keepalive", "error:keepalive_callback"]
+        };
+        assert_eq!(fake.ledger().events_of("a"), expected, "answer {answer:?}");
+    }
+}
+
+#[tokio::test]
+/// A failing stop_callback keeps the slot stopping (unclaimable) when the error
+/// callback says false, and frees it when it says true.
+async fn stop_callback_errors() {
+    for (answer, freed) in [(Some(false), false), (Some(true), true), (None, true)] {
+        let name = unique_name("stoperr");
+        let fake = Fake::with_tasks("Jobs", ["a", "b"]);
+        fake.ledger().fail.insert((Callback::Stop, "a".into()));
+        fake.ledger().error_answer = answer;
+        let s = builder(&name, &fake, 1, LONG).build().await.unwrap();
+        s.schedule().await.unwrap();
+        s.stop("a").await.unwrap();
+        let slot = s.inspect().await.unwrap().slots[0].clone();
+        if freed {
+            assert_eq!(slot.task_id.as_deref(), Some("b"), "answer {answer:?}");
+        } else {
+            assert_eq!(slot.status, SlotStatus::Stopping);
+            assert_eq!(slot.stopping_reason.as_deref(), Some("stop"));
+            assert!(s.schedule().await.unwrap().started.is_empty());
+        }
+    }
+}
+
+#[tokio::test]
+/// A failing timeout_callback: Ok(false) keeps the slot held (no stop_callback);
+/// Ok(true) goes on to stop_callback and frees it.
+async fn timeout_callback_errors() {
+    for (answer, freed) in [(Some(false), false), (Some(true), true)] {
+        let name = unique_name("toerr");
+        let fake = Fake::with_tasks("Jobs", ["a"]);
+        fake.ledger().fail.insert((Callback::Timeout, "a".into()));
+        fake.ledger().error_answer = answer;
+        let s = builder(&name, &fake, 1, Duration::from_millis(100))
+            .build()
+            .await
+            .unwrap();
+        s.schedule().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = s.schedule().await.unwrap();
+        assert_eq!(r.timed_out.len(), 1);
+        let events = fake.ledger().events_of("a");
+        assert_eq!(events.contains(&"stop".to_owned()), freed, "{events:?}");
+        let status = s.inspect().await.unwrap().slots[0].status.clone();
+        assert_eq!(status == SlotStatus::Idle, freed, "{status:?}");
+    }
+}
+
+#[tokio::test]
+/// inspect shows every slot with its holder, lease and times, and backends' own views.
+async fn inspect_shows_slots_and_backends() {
+    let name = unique_name("inspect");
+    let fake = Fake::with_tasks("Jobs", ["a", "b", "c"]);
+    let s = builder(&name, &fake, 2, Duration::from_secs(90))
+        .build()
+        .await
+        .unwrap();
+    s.schedule().await.unwrap();
+    let i = s.inspect().await.unwrap();
+    assert_eq!(i.slots.len(), 2);
+    let slot = &i.slots[0];
+    assert_eq!(slot.status, SlotStatus::Busy);
+    assert_eq!(slot.task_id.as_deref(), Some("a"));
+    assert_eq!(slot.backend.as_deref(), Some("Jobs"));
+    assert_eq!(slot.backends, ["Jobs"]);
+    assert_eq!(slot.timeout, Some(Duration::from_secs(90)));
+    assert_eq!(
+        slot.deadline
+            .unwrap()
+            .duration_since(slot.started_at.unwrap())
+            .unwrap(),
+        Duration::from_secs(90)
+    );
+    assert_eq!(i.last_lease, i.slots[1].lease.unwrap());
+    assert_eq!(i.backends["Jobs"], serde_json::json!({"pending": 1}));
+    // Operators' view without the config: same slots.
+    let by_name = task_semaphore::inspect_redis(&common::redis_url(), "task_semaphore", &name)
+        .await
+        .unwrap();
+    assert_eq!(by_name.slots, i.slots);
+}
+
+#[tokio::test]
+/// The slot hash is plain text, as the README documents it.
+async fn slot_hash_is_readable_as_documented() {
+    let name = unique_name("hash");
+    let fake = Fake::with_tasks("Jobs", ["task:{1} é"]);
+    let s = builder(&name, &fake, 1, Duration::from_secs(90))
+        .build()
+        .await
+        .unwrap();
+    let lease = s.schedule().await.unwrap().started[0].lease;
+    let mut r = raw(&common::redis_url()).await;
+    let h: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(key(&name, "slot:1"))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(h["state"], "busy");
+    assert_eq!(h["task_id"], "task:{1} é");
+    assert_eq!(h["backend"], "Jobs");
+    assert_eq!(h["lease"], lease.to_string());
+    assert_eq!(h["timeout_ms"], "90000");
+    assert_eq!(h["backends"], r#"["Jobs"]"#);
+    let deadline: u64 = h["deadline_ms"].parse().unwrap();
+    let started: u64 = h["started_at_ms"].parse().unwrap();
+    assert_eq!(deadline - started, 90_000);
+    let owner: String = redis::cmd("HGET")
+        .arg(key(&name, "tasks"))
+        .arg("task:{1} é")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(owner, "1");
+    let score: u64 = redis::cmd("ZSCORE")
+        .arg(key(&name, "deadlines"))
+        .arg("1")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(score, deadline);
+    let last: u64 = redis::cmd("GET")
+        .arg(key(&name, "lease"))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(last, lease);
+    // No key name contains the task id.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("task_semaphore:{{{name}}}:*"))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(keys.iter().all(|k| !k.contains("task:{1}")), "{keys:?}");
+}
+
+#[tokio::test]
+/// run() ticks until shutdown, then returns.
+async fn run_ticks_until_shutdown() {
+    let name = unique_name("run");
+    let fake = Fake::with_tasks("Jobs", ["a", "b"]);
+    let s = builder(&name, &fake, 1, LONG).build().await.unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let runner = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.run(Duration::from_millis(20), async { rx.await.unwrap_or(()) })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(fake.ledger().count("start", "a"), 1);
+    // Free the slot behind the scheduler's back of `stop`'s refill: the loop fills it.
+    s.stop("a").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(fake.ledger().count("start", "b"), 1);
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), runner)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
