@@ -356,6 +356,7 @@ impl Scheduler {
 
     async fn register(&self) -> Result<()> {
         let inner = &self.inner;
+        scripts::load_all(&inner.redis).await?;
         for chunk in inner.slots.chunks(CHUNK) {
             let args: Vec<RegisterSlot<'_>> = chunk
                 .iter()

@@ -14,6 +14,8 @@ static LUA: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/lua");
 
 /// Every script, with `common.lua` in front; SHA1s computed once per process.
 pub(crate) struct Scripts {
+    /// The full sources, for loading them all up front.
+    sources: Vec<String>,
     register: Script,
     tick: Script,
     sweep: Script,
@@ -30,7 +32,15 @@ static SCRIPTS: LazyLock<std::result::Result<Scripts, String>> = LazyLock::new(|
             .ok_or_else(|| format!("lua/{name} is missing from the build"))
     };
     let common = file("common.lua")?;
-    let script = |name: &str| file(name).map(|body| Script::new(&format!("{common}\n{body}")));
+    let mut sources = Vec::new();
+    let mut script = |name: &str| {
+        file(name).map(|body| {
+            let source = format!("{common}\n{body}");
+            let script = Script::new(&source);
+            sources.push(source);
+            script
+        })
+    };
     Ok(Scripts {
         register: script("register.lua")?,
         tick: script("tick.lua")?,
@@ -39,6 +49,7 @@ static SCRIPTS: LazyLock<std::result::Result<Scripts, String>> = LazyLock::new(|
         keepalive: script("keepalive.lua")?,
         release: script("release.lua")?,
         free: script("free.lua")?,
+        sources,
     })
 });
 
@@ -110,6 +121,16 @@ fn array(v: &Value) -> Option<&[Value]> {
 }
 fn texts(v: &Value) -> Option<Vec<String>> {
     array(v)?.iter().map(text).collect()
+}
+
+/// Loads every script in one round trip, so that no later call pays for a NOSCRIPT
+/// reply. (EVALSHA still reloads a script the server lost, e.g. after SCRIPT FLUSH.)
+pub(crate) async fn load_all(redis: &Redis) -> Result<()> {
+    let mut pipe = redis::pipe();
+    for source in &scripts()?.sources {
+        pipe.cmd("SCRIPT").arg("LOAD").arg(source).ignore();
+    }
+    redis.pipeline::<()>("loading scripts", &pipe).await
 }
 
 // ---------------------------------------------------------------- register.lua

@@ -1,0 +1,181 @@
+//! Redis commands each operation sends, counted exactly with `MONITOR` on a private
+//! server (no other client), with 1,000 slots. The README's cost table
+//! comes from here: `cargo test --test commands -- --nocapture` prints it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{tasks, unique_name, Fake, PrivateRedis};
+use task_semaphore::{Scheduler, SlotConfig};
+
+const N: usize = 1000;
+
+/// Every command clients send to a server, seen through `MONITOR` (commands run
+/// inside scripts show as `[0 lua]` there and are left out: they cost no round trip).
+struct Monitor {
+    lines: Arc<Mutex<Vec<String>>>,
+    conn: redis::aio::MultiplexedConnection,
+    marks: usize,
+}
+
+impl Monitor {
+    async fn start(port: u16, url: &str) -> Self {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.write_all(b"MONITOR\r\n").unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { return };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut m = Monitor {
+            lines,
+            conn: common::raw(url).await,
+            marks: 0,
+        };
+        m.mark().await; // MONITOR is on once its first mark shows
+        m
+    }
+
+    /// Sends a marker and waits until MONITOR has shown it; returns its position.
+    async fn mark(&mut self) -> usize {
+        self.marks += 1;
+        let mark = format!("mark-{}", self.marks);
+        let _: String = redis::cmd("ECHO")
+            .arg(&mark)
+            .query_async(&mut self.conn)
+            .await
+            .unwrap();
+        for _ in 0..500 {
+            if let Some(i) = self.lines.lock().unwrap().iter().position(|l| l.contains(&mark)) {
+                return i;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("MONITOR never showed {mark}");
+    }
+
+    /// Runs `op`; returns what it sent, as command name -> count, with the number of
+    /// commands its scripts ran inside Redis under the name `(in scripts)`.
+    async fn count<F: std::future::Future>(&mut self, op: F) -> (F::Output, BTreeMap<String, u64>) {
+        let begin = self.mark().await;
+        let out = op.await;
+        let end = self.mark().await;
+        let lines = self.lines.lock().unwrap();
+        let mut counts = BTreeMap::new();
+        for line in &lines[begin + 1..end] {
+            let Some((source, command)) = line.split_once("] ") else {
+                continue;
+            };
+            let name = if source.ends_with(" lua") {
+                INSIDE.to_owned()
+            } else {
+                command.split('"').nth(1).unwrap_or("?").to_lowercase()
+            };
+            *counts.entry(name).or_default() += 1;
+        }
+        (out, counts)
+    }
+}
+
+const INSIDE: &str = "(in scripts)";
+
+/// Commands sent by the client: each costs a round trip unless pipelined.
+fn total(c: &BTreeMap<String, u64>) -> u64 {
+    c.iter().filter(|(k, _)| *k != INSIDE).map(|(_, v)| v).sum()
+}
+
+async fn build(url: &str, name: &str, fake: &Fake, timeout: Duration) -> Scheduler {
+    let mut b = Scheduler::builder(name).redis_url(url).backend(fake.clone());
+    for i in 1..=N {
+        b = b.slot(SlotConfig::new(i.to_string(), ["Jobs"]).timeout(timeout));
+    }
+    b.build().await.unwrap()
+}
+
+#[tokio::test]
+/// Exact command counts per operation with 1,000 slots; a steady tick is one call.
+async fn commands_per_operation_with_1000_slots() {
+    let Some(server) = PrivateRedis::start(&[]) else {
+        eprintln!("skipped: no redis-server binary for a private server");
+        return;
+    };
+    let url = server.url();
+    let mut m = Monitor::start(server.port, &url).await;
+    let name = unique_name("cost");
+    let fake = Fake::with_tasks("Jobs", tasks("t", N + 1));
+
+    let (s, build_cost) = m
+        .count(build(&url, &name, &fake, Duration::from_secs(3600)))
+        .await;
+    let (r, fill) = m.count(s.schedule()).await;
+    assert_eq!(r.unwrap().started.len(), N);
+    let (_, steady) = m.count(s.schedule()).await;
+    let (r, keepalive) = m.count(s.keepalive("t7")).await;
+    r.unwrap();
+    // Another replica, which has no hint of where the task is.
+    let other = build(&url, &name, &fake, Duration::from_secs(3600)).await;
+    let (r, keepalive_other) = m.count(other.keepalive("t8")).await;
+    r.unwrap();
+    let (r, stop_refill) = m.count(s.stop("t9")).await;
+    r.unwrap();
+    let (r, stop_empty) = m.count(s.stop("t10")).await;
+    r.unwrap();
+    let (r, inspect) = m.count(s.inspect()).await;
+    assert_eq!(r.unwrap().slots.len(), N);
+
+    // Sweep: a second scheduler whose 1,000 tasks all expire.
+    let name2 = unique_name("cost-sweep");
+    let fake2 = Fake::with_tasks("Jobs", tasks("u", 2 * N));
+    let s2 = build(&url, &name2, &fake2, Duration::from_millis(1500)).await;
+    s2.schedule().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (r, sweep) = m.count(s2.schedule()).await;
+    let r = r.unwrap();
+    assert_eq!((r.timed_out.len(), r.started.len()), (N, N));
+
+    let rows = [
+        ("build (register 1,000 slots)", &build_cost),
+        ("fill 1,000 idle slots", &fill),
+        ("steady tick", &steady),
+        ("keepalive (hint: this replica started it)", &keepalive),
+        ("keepalive (another replica)", &keepalive_other),
+        ("stop + refill the slot", &stop_refill),
+        ("stop, nothing to refill with", &stop_empty),
+        ("inspect", &inspect),
+        ("sweep 1,000 expired + refill them", &sweep),
+    ];
+    println!("| operation | commands sent | of which | run inside scripts |");
+    for (what, c) in rows {
+        let sent: Vec<String> = c
+            .iter()
+            .filter(|(k, _)| *k != INSIDE)
+            .map(|(k, v)| format!("{v} {k}"))
+            .collect();
+        let inside = c.get(INSIDE).copied().unwrap_or(0);
+        println!("| {what} | {} | {} | {inside} |", total(c), sent.join(", "));
+    }
+
+    let evalsha = |c: &BTreeMap<String, u64>| c.get("evalsha").copied().unwrap_or(0);
+    assert_eq!(total(&steady), 1, "{steady:?}");
+    assert_eq!(evalsha(&steady), 1);
+    // 1 tick + 1 claim per slot.
+    assert_eq!(evalsha(&fill), 1 + N as u64, "{fill:?}");
+    assert_eq!(total(&fill), 1 + N as u64, "{fill:?}");
+    assert_eq!(total(&keepalive), 1, "{keepalive:?}");
+    assert_eq!(total(&keepalive_other), 2, "{keepalive_other:?}"); // HGET + EVALSHA
+    assert_eq!(total(&stop_refill), 3, "{stop_refill:?}"); // release, free, claim
+    assert_eq!(total(&stop_empty), 2, "{stop_empty:?}"); // release, free
+    assert_eq!(total(&inspect), 2 + N as u64, "{inspect:?}"); // TIME, GET, N x HGETALL: one round trip
+                                                              // tick + 2 sweep chunks + 2 free chunks + N claims.
+    assert_eq!(total(&sweep), 1 + 2 + 2 + N as u64, "{sweep:?}");
+    drop(server);
+}

@@ -1,0 +1,199 @@
+//! Several replicas of one scheduler racing on the same Redis and backlog.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{builder, holders, tasks, unique_name, Fake};
+use task_semaphore::Scheduler;
+
+const LONG: Duration = Duration::from_secs(3600);
+
+/// `n` replicas of scheduler `name`: each its own `Scheduler` and its own copy of the
+/// backend, all copies sharing one ledger (one backlog, one record of callbacks).
+async fn replicas(name: &str, fake: &Fake, n: usize, slots: usize, timeout: Duration) -> Vec<Scheduler> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(builder(name, fake, slots, timeout).build().await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+/// Replicas racing over a backlog (with slow polls, so results go stale) never run
+/// more than N tasks, start every task exactly once and stop each once.
+async fn racing_replicas_keep_the_cap_and_start_each_task_once() {
+    let name = unique_name("race");
+    let total = 150;
+    let slots = 5;
+    let mut fake = Fake::with_tasks("Jobs", tasks("t", total));
+    fake.poll_delay = Some(Duration::from_millis(2));
+    let reps = replicas(&name, &fake, 4, slots, LONG).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for s in reps.clone() {
+        let done = done.clone();
+        handles.push(tokio::spawn(async move {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                s.schedule().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        }));
+    }
+    // Workers: stop running tasks through any replica, as tasks finishing would.
+    let mut turn = 0;
+    loop {
+        let (running, stopped) = {
+            let l = fake.ledger();
+            let stopped = l.events.iter().filter(|(e, _)| e == "stop").count();
+            (l.running.iter().cloned().collect::<Vec<_>>(), stopped)
+        };
+        if stopped == total {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backlog not done: {stopped}/{total} stopped"
+        );
+        for task in running {
+            turn += 1;
+            let s = &reps[turn % reps.len()];
+            // Another replica may have stopped it already: WrongTaskId is fine then.
+            let _ = s.stop(&task).await;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in handles {
+        h.await.unwrap();
+    }
+    let l = fake.ledger();
+    assert!(l.max_running <= slots, "max running {} > {slots}", l.max_running);
+    assert_eq!(l.starts.len(), total);
+    for (task, starts) in &l.starts {
+        assert_eq!(*starts, 1, "{task} started {starts} times");
+        assert_eq!(
+            l.count("stop", task),
+            1,
+            "{task} stopped {} times",
+            l.count("stop", task)
+        );
+    }
+    assert_eq!(l.events.iter().filter(|(e, _)| e == "timeout").count(), 0);
+}
+
+#[tokio::test]
+/// A poll that predates a task's start and end does not start it again: replica B
+/// polls T and stalls; A starts and stops T; B's claim of T is refused.
+async fn stale_poll_does_not_restart_a_finished_task() {
+    let name = unique_name("stale");
+    let a = Fake::with_tasks("Jobs", ["T"]);
+    let mut b = a.clone();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    b.poll_gate = Some(gate.clone());
+    let ra = builder(&name, &a, 2, LONG).build().await.unwrap();
+    let rb = builder(&name, &b, 2, LONG).build().await.unwrap();
+
+    // B polls T, then waits at the gate before claiming.
+    let stalled = tokio::spawn(async move { rb.schedule().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Meanwhile A starts T and T finishes.
+    assert_eq!(ra.schedule().await.unwrap().started.len(), 1);
+    ra.stop("T").await.unwrap();
+    // B goes on with its stale poll result (and polls again for slot 2).
+    gate.add_permits(100);
+    let report = stalled.await.unwrap();
+    assert!(report.started.is_empty(), "{:?}", report.started);
+    assert_eq!(a.ledger().starts["T"], 1);
+    assert!(holders(&ra).await.values().all(Option::is_none));
+
+    // A fresh poll after the end may start it again (the task was re-queued).
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    a.push(["T"]);
+    assert_eq!(ra.schedule().await.unwrap().started.len(), 1);
+    assert_eq!(a.ledger().starts["T"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+/// One timeout seen by three replicas at once: timeout_callback and stop_callback
+/// fire once, one replica reports it, and the slot is refilled once.
+async fn one_timeout_three_replicas_callbacks_once() {
+    for round in 0..5 {
+        let name = unique_name("timeout3");
+        let fake = Fake::with_tasks("Jobs", ["a", "b", "c"]);
+        let reps = replicas(&name, &fake, 3, 1, Duration::from_millis(150)).await;
+        reps[0].schedule().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let reports = futures::future::join_all(reps.iter().map(|s| s.schedule())).await;
+        let reports: Vec<_> = reports.into_iter().map(Result::unwrap).collect();
+        let l = fake.ledger();
+        assert_eq!(l.count("timeout", "a"), 1, "round {round}: {:?}", l.events);
+        assert_eq!(l.count("stop", "a"), 1, "round {round}: {:?}", l.events);
+        assert_eq!(reports.iter().map(|r| r.timed_out.len()).sum::<usize>(), 1);
+        assert_eq!(reports.iter().map(|r| r.started.len()).sum::<usize>(), 1);
+        assert_eq!(l.starts.get("b"), Some(&1));
+        assert!(!l.starts.contains_key("c"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+/// `stop` racing the sweep of the same expired task ends the hold once:
+/// stop_callback exactly once, timeout_callback at most once.
+async fn stop_racing_the_sweep_ends_the_hold_once() {
+    for round in 0..8 {
+        let name = unique_name("stoprace");
+        let fake = Fake::with_tasks("Jobs", ["a"]);
+        let reps = replicas(&name, &fake, 2, 1, Duration::from_millis(100)).await;
+        reps[0].schedule().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(95 + round)).await;
+        let (stop, tick) = tokio::join!(reps[0].stop("a"), reps[1].schedule());
+        tick.unwrap();
+        let l = fake.ledger();
+        assert_eq!(l.count("stop", "a"), 1, "round {round}: {:?} {stop:?}", l.events);
+        assert!(l.count("timeout", "a") <= 1);
+        // Whoever won, the other saw the task gone.
+        if l.count("timeout", "a") == 1 {
+            assert!(
+                stop.is_err(),
+                "round {round}: stop succeeded after the sweep took it"
+            );
+        } else {
+            stop.unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+/// keepalive and stop work from any replica, and a replica's stale hint of where a
+/// task is (it moved to another slot) is corrected, never acted on.
+async fn keepalive_and_stop_from_any_replica() {
+    let name = unique_name("anyreplica");
+    let fake = Fake::with_tasks("Jobs", ["T"]);
+    let reps = replicas(&name, &fake, 2, 2, LONG).await;
+    // A starts T in slot 1 and remembers where it is.
+    assert_eq!(reps[0].schedule().await.unwrap().started[0].slot_id, "1");
+    // B (no hint) stops it; T is re-queued and B restarts it... in slot 1 again, so
+    // occupy slot 1 first with another task to move T to slot 2.
+    reps[1].keepalive("T").await.unwrap();
+    fake.push(["U"]);
+    reps[1].stop("T").await.unwrap(); // refills slot 1 with U
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    fake.push(["T"]);
+    let started = reps[1].schedule().await.unwrap().started;
+    assert_eq!(
+        (started[0].slot_id.as_str(), started[0].task_id.as_str()),
+        ("2", "T")
+    );
+    // A's hint says slot 1 (now U's): the script refuses the hint, A finds slot 2.
+    reps[0].keepalive("T").await.unwrap();
+    reps[0].stop("T").await.unwrap();
+    let h = holders(&reps[0]).await;
+    assert_eq!(h["1"].as_deref(), Some("U"));
+    assert_eq!(h["2"], None);
+    let l = fake.ledger();
+    assert_eq!(l.count("stop", "U"), 0);
+    assert_eq!(l.count("stop", "T"), 2);
+}
