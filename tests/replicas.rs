@@ -197,3 +197,80 @@ async fn keepalive_and_stop_from_any_replica() {
     assert_eq!(l.count("stop", "U"), 0);
     assert_eq!(l.count("stop", "T"), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+/// A slot is not claimed by another replica while the callbacks of its previous
+/// task (timeout_callback, stop_callback) are still running.
+async fn slot_is_not_reused_before_callbacks_return() {
+    for timed_out in [true, false] {
+        let name = unique_name("reuse");
+        let mut slow = Fake::with_tasks("Jobs", ["a", "b"]);
+        // Callbacks must return within the slot timeout (400 ms), or the slot is reclaimed.
+        slow.callback_delay = Some(Duration::from_millis(150));
+        let fast = Fake {
+            callback_delay: None,
+            ..slow.clone()
+        };
+        let ra = builder(&name, &slow, 1, Duration::from_millis(400))
+            .build()
+            .await
+            .unwrap();
+        let rb = builder(&name, &fast, 1, Duration::from_millis(400))
+            .build()
+            .await
+            .unwrap();
+        ra.schedule().await.unwrap();
+        let ending = if timed_out {
+            tokio::time::sleep(Duration::from_millis(450)).await;
+            tokio::spawn(async move { ra.schedule().await.map(drop) })
+        } else {
+            tokio::spawn(async move { ra.stop("a").await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A's callbacks are still running: B must not start b in that slot.
+        let r = rb.schedule().await.unwrap();
+        assert!(r.started.is_empty(), "timed_out={timed_out}: {:?}", r.started);
+        ending.await.unwrap().unwrap();
+        let l = slow.ledger();
+        assert_eq!(l.max_running, 1, "timed_out={timed_out}: {:?}", l.events);
+        assert_eq!(
+            l.starts["b"], 1,
+            "timed_out={timed_out}: refilled once callbacks returned"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+/// A replica whose stop_callback outlasts the reclaim time cannot free the slot
+/// from under the task that got it next: free is checked against the lease.
+async fn late_free_does_not_touch_the_next_holder() {
+    let name = unique_name("latefree");
+    let mut slow = Fake::with_tasks("Jobs", ["a"]);
+    slow.callback_delay = Some(Duration::from_millis(500));
+    let fast = Fake {
+        callback_delay: None,
+        ..slow.clone()
+    };
+    let ra = builder(&name, &slow, 1, Duration::from_millis(150))
+        .build()
+        .await
+        .unwrap();
+    let rb = builder(&name, &fast, 1, Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    ra.schedule().await.unwrap();
+    let stopping = {
+        let ra = ra.clone();
+        tokio::spawn(async move { ra.stop("a").await })
+    };
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    fast.push(["b"]);
+    let r = rb.schedule().await.unwrap();
+    assert_eq!(r.reclaimed.len(), 1, "{r:?}");
+    assert_eq!(r.started[0].task_id, "b");
+    stopping.await.unwrap().unwrap();
+    // a's late free found another lease in the slot and left it alone.
+    assert_eq!(holders(&rb).await["1"].as_deref(), Some("b"));
+    rb.keepalive("b").await.unwrap();
+}

@@ -256,6 +256,8 @@ pub struct Fake {
     pub poll_delay: Option<Duration>,
     /// Optional gate: poll returns its answer only once this is notified.
     pub poll_gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// Optional pause at the start of timeout_callback and stop_callback.
+    pub callback_delay: Option<Duration>,
 }
 
 impl Fake {
@@ -265,6 +267,7 @@ impl Fake {
             ledger: Arc::default(),
             poll_delay: None,
             poll_gate: None,
+            callback_delay: None,
         }
     }
     pub fn with_tasks(name: &str, tasks: impl IntoIterator<Item = impl Into<String>>) -> Self {
@@ -282,6 +285,9 @@ impl Fake {
         self.ledger().events.push((what.to_owned(), task.to_owned()));
     }
     async fn maybe_fail(&self, cb: Callback, task: &str) -> Result<(), BoxError> {
+        if let (Some(delay), Callback::Stop | Callback::Timeout) = (self.callback_delay, cb) {
+            tokio::time::sleep(delay).await;
+        }
         let (fail, hang) = {
             let l = self.ledger();
             (

@@ -1,0 +1,184 @@
+//! Each Lua script, called directly out of turn, refuses what it must refuse: the
+//! checks that protect against races too narrow to hit from the public API.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{builder, key, raw, unique_name, Fake};
+use redis::Value;
+
+/// A script as the crate runs it: `common.lua` in front of the file.
+fn script(file: &str) -> redis::Script {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/lua/");
+    let common = std::fs::read_to_string(format!("{dir}common.lua")).unwrap();
+    let body = std::fs::read_to_string(format!("{dir}{file}")).unwrap();
+    redis::Script::new(&format!("{common}\n{body}"))
+}
+
+async fn slot(conn: &mut redis::aio::MultiplexedConnection, name: &str, id: &str) -> HashMap<String, String> {
+    redis::cmd("HGETALL")
+        .arg(key(name, &format!("slot:{id}")))
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+fn texts(v: &Value) -> Vec<String> {
+    match v {
+        Value::Array(items) => items
+            .iter()
+            .map(|i| match i {
+                Value::BulkString(b) => String::from_utf8(b.clone()).unwrap(),
+                Value::Int(n) => n.to_string(),
+                Value::SimpleString(s) => s.clone(),
+                other => format!("{other:?}"),
+            })
+            .collect(),
+        other => panic!("not an array: {other:?}"),
+    }
+}
+
+/// Slots "1" and "2" of a fresh scheduler, with "a" busy in slot 1 (timeout 1 h).
+async fn setup(
+    test: &str,
+) -> (
+    String,
+    redis::aio::MultiplexedConnection,
+    task_semaphore::Scheduler,
+) {
+    let name = unique_name(test);
+    let fake = Fake::with_tasks("Jobs", ["a"]);
+    let s = builder(&name, &fake, 2, Duration::from_secs(3600))
+        .build()
+        .await
+        .unwrap();
+    s.schedule().await.unwrap();
+    (name, raw(&common::redis_url()).await, s)
+}
+
+fn claim_keys<'a>(inv: &mut redis::ScriptInvocation<'a>, name: &str, slot_id: &str) {
+    inv.key(key(name, &format!("slot:{slot_id}")))
+        .key(key(name, "tasks"))
+        .key(key(name, "deadlines"))
+        .key(key(name, "idle"))
+        .key(key(name, "ended"))
+        .key(key(name, "lease"));
+}
+
+#[tokio::test]
+/// claim.lua refuses a busy slot, and a task that already holds another slot.
+async fn claim_refuses_busy_slots_and_held_tasks() {
+    let (name, mut conn, _s) = setup("claim").await;
+    let before = slot(&mut conn, &name, "1").await;
+    let now: (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let now_ms = now.0 * 1000 + now.1 / 1000;
+    let claim = script("claim.lua");
+
+    let mut inv = claim.prepare_invoke();
+    claim_keys(&mut inv, &name, "1");
+    inv.arg("1")
+        .arg("b")
+        .arg("Jobs")
+        .arg(1000)
+        .arg(now_ms)
+        .arg(60_000);
+    let out: Value = inv.invoke_async(&mut conn).await.unwrap();
+    assert_eq!(texts(&out)[0], "SLOT_BUSY");
+    assert_eq!(slot(&mut conn, &name, "1").await, before);
+
+    let mut inv = claim.prepare_invoke();
+    claim_keys(&mut inv, &name, "2");
+    inv.arg("2")
+        .arg("a")
+        .arg("Jobs")
+        .arg(1000)
+        .arg(now_ms)
+        .arg(60_000);
+    let out: Value = inv.invoke_async(&mut conn).await.unwrap();
+    assert_eq!(texts(&out)[0], "TASK_BUSY");
+    assert_eq!(slot(&mut conn, &name, "2").await["state"], "idle");
+}
+
+#[tokio::test]
+/// sweep.lua leaves a slot alone when it is not due (stopped and refilled between
+/// the tick that saw it due and the sweep).
+async fn sweep_leaves_slots_that_are_not_due() {
+    let (name, mut conn, _s) = setup("sweep").await;
+    let before = slot(&mut conn, &name, "1").await;
+    let sweep = script("sweep.lua");
+    let mut inv = sweep.prepare_invoke();
+    inv.key(key(&name, "deadlines"))
+        .key(key(&name, "idle"))
+        .key(key(&name, "tasks"))
+        .key(key(&name, "ended"))
+        .key(key(&name, "slot:1"))
+        .arg("1");
+    let out: Value = inv.invoke_async(&mut conn).await.unwrap();
+    assert_eq!(texts(&out).len(), 1, "only the time: {out:?}");
+    assert_eq!(slot(&mut conn, &name, "1").await, before);
+}
+
+#[tokio::test]
+/// free.lua frees a stopping slot only for the lease that stopped in it.
+async fn free_checks_the_lease() {
+    let (name, mut conn, _s) = setup("free").await;
+    let lease = slot(&mut conn, &name, "1").await["lease"].clone();
+    // Stop "a" but keep the slot stopping, as during its callbacks.
+    let release = script("release.lua");
+    let mut inv = release.prepare_invoke();
+    inv.key(key(&name, "tasks"))
+        .key(key(&name, "slot:1"))
+        .key(key(&name, "deadlines"))
+        .key(key(&name, "ended"))
+        .key(key(&name, "idle"))
+        .arg("a")
+        .arg("1")
+        .arg("stop")
+        .arg("stopping")
+        .arg("");
+    let out: Value = inv.invoke_async(&mut conn).await.unwrap();
+    assert_eq!(texts(&out)[0], "OK");
+    let free = script("free.lua");
+    let call = |lease: String| {
+        let mut inv = free.prepare_invoke();
+        inv.key(key(&name, "deadlines"))
+            .key(key(&name, "idle"))
+            .key(key(&name, "slot:1"));
+        inv.arg("1").arg(lease);
+        inv
+    };
+    let wrong = (lease.parse::<u64>().unwrap() + 1).to_string();
+    let out: Vec<i64> = call(wrong).invoke_async(&mut conn).await.unwrap();
+    assert_eq!(out, [0]);
+    assert_eq!(slot(&mut conn, &name, "1").await["state"], "stopping");
+    let out: Vec<i64> = call(lease).invoke_async(&mut conn).await.unwrap();
+    assert_eq!(out, [1]);
+    assert_eq!(slot(&mut conn, &name, "1").await["state"], "idle");
+}
+
+#[tokio::test]
+/// keepalive.lua and release.lua act only on the slot the index names.
+async fn keepalive_and_release_follow_the_index() {
+    let (name, mut conn, _s) = setup("index").await;
+    for file in ["keepalive.lua", "release.lua"] {
+        let source = script(file);
+        let mut inv = source.prepare_invoke();
+        inv.key(key(&name, "tasks"))
+            .key(key(&name, "slot:2"))
+            .key(key(&name, "deadlines"));
+        if file == "release.lua" {
+            inv.key(key(&name, "ended")).key(key(&name, "idle"));
+        }
+        inv.arg("a").arg("2");
+        if file == "release.lua" {
+            inv.arg("stop").arg("stopping").arg("");
+        }
+        let out: Value = inv.invoke_async(&mut conn).await.unwrap();
+        assert_eq!(texts(&out), ["MOVED", "1"], "{file}");
+    }
+    assert_eq!(slot(&mut conn, &name, "1").await["state"], "busy");
+    assert_eq!(slot(&mut conn, &name, "2").await["state"], "idle");
+}
