@@ -30,6 +30,8 @@ end
 
 local now = now_ms()
 if s.state ~= 'idle' then
+  -- A busy slot is never in the idle set; if a hand edit left it there, repair that.
+  redis.call('SREM', idle_key, slot_id)
   return {'SLOT_BUSY', now}
 end
 if redis.call('HEXISTS', tasks_key, task_id) == 1 then
