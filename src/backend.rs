@@ -2,7 +2,9 @@
 
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 
 /// The error type backends return: any error that can cross threads.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -131,6 +133,44 @@ fn short_type_name(full: &str) -> &str {
 /// A boxed, sendable future.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Runs a backend future, turning a panic inside it into an error, so that one
+/// panicking callback cannot abort a tick halfway (leaving slots to be reclaimed)
+/// or kill a `run` loop.
+struct CatchPanic<'a, T> {
+    inner: BoxFuture<'a, Result<T, BoxError>>,
+    what: &'static str,
+}
+
+impl<T> Future for CatchPanic<'_, T> {
+    type Output = Result<T, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let what = self.what;
+        let inner = &mut self.inner;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(payload) => {
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".to_owned());
+                Poll::Ready(Err(format!("{what} panicked: {message}").into()))
+            }
+        }
+    }
+}
+
+fn guarded<'a, T: 'a>(
+    what: &'static str,
+    inner: impl Future<Output = Result<T, BoxError>> + Send + 'a,
+) -> BoxFuture<'a, Result<T, BoxError>> {
+    Box::pin(CatchPanic {
+        inner: Box::pin(inner),
+        what,
+    })
+}
+
 /// [`Backend`] with boxed futures, so the scheduler can hold `dyn` backends.
 pub(crate) trait DynBackend: Send + Sync + 'static {
     fn name(&self) -> &str;
@@ -150,14 +190,14 @@ impl<B: Backend> DynBackend for B {
         Backend::name(self)
     }
     fn poll(&self) -> BoxFuture<'_, Result<Option<String>, BoxError>> {
-        Box::pin(Backend::poll(self))
+        guarded("poll", Backend::poll(self))
     }
     fn call<'a>(&'a self, which: Callback, task_id: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
         match which {
-            Callback::Start => Box::pin(self.start_callback(task_id)),
-            Callback::Stop => Box::pin(self.stop_callback(task_id)),
-            Callback::Timeout => Box::pin(self.timeout_callback(task_id)),
-            Callback::Keepalive => Box::pin(self.keepalive_callback(task_id)),
+            Callback::Start => guarded(which.as_str(), self.start_callback(task_id)),
+            Callback::Stop => guarded(which.as_str(), self.stop_callback(task_id)),
+            Callback::Timeout => guarded(which.as_str(), self.timeout_callback(task_id)),
+            Callback::Keepalive => guarded(which.as_str(), self.keepalive_callback(task_id)),
         }
     }
     fn on_error<'a>(
@@ -166,10 +206,18 @@ impl<B: Backend> DynBackend for B {
         error: &'a BoxError,
         callback: Callback,
     ) -> BoxFuture<'a, Result<bool, BoxError>> {
-        Box::pin(self.backend_error_callback(task_id, error, callback))
+        guarded(
+            "backend_error_callback",
+            self.backend_error_callback(task_id, error, callback),
+        )
     }
     fn inspect(&self) -> BoxFuture<'_, serde_json::Value> {
-        Box::pin(Backend::inspect(self))
+        let inspect = guarded("inspect", async { Ok(Backend::inspect(self).await) });
+        Box::pin(async move {
+            inspect
+                .await
+                .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
+        })
     }
 }
 

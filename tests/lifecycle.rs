@@ -372,3 +372,52 @@ async fn run_ticks_until_shutdown() {
         .unwrap()
         .unwrap();
 }
+
+/// A backend that panics in poll for one slot's turn and in start_callback.
+struct Panicky {
+    polls: std::sync::atomic::AtomicUsize,
+}
+
+impl task_semaphore::Backend for Panicky {
+    async fn poll(&self) -> Result<Option<String>, task_semaphore::BoxError> {
+        if self.polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+            panic!("poll blew up");
+        }
+        Ok(Some("p".into()))
+    }
+    async fn start_callback(&self, _task_id: &str) -> Result<(), task_semaphore::BoxError> {
+        panic!("start blew up");
+    }
+}
+
+#[tokio::test]
+/// A panicking poll or callback is an error of the tick, not a crash: the tick goes
+/// on, and a panicking start frees its slot like a failing one.
+async fn panicking_backend_is_an_error_not_a_crash() {
+    let name = unique_name("panic");
+    let s = Scheduler::builder(&name)
+        .redis_url(common::redis_url())
+        .backend(Panicky {
+            polls: Default::default(),
+        })
+        .slot(SlotConfig::new("1", ["Panicky"]))
+        .slot(SlotConfig::new("2", ["Panicky"]))
+        .build()
+        .await
+        .unwrap();
+    let r = s.schedule().await.unwrap();
+    assert!(r.started.is_empty());
+    assert_eq!(r.errors[0].stage, Stage::Poll);
+    assert!(
+        r.errors[0].message.contains("poll panicked: poll blew up"),
+        "{:?}",
+        r.errors
+    );
+    assert_eq!(r.errors[1].stage, Stage::Callback(Callback::Start));
+    assert!(
+        r.errors[1].message.contains("start_callback panicked"),
+        "{:?}",
+        r.errors
+    );
+    assert!(holders(&s).await.values().all(Option::is_none));
+}
