@@ -84,3 +84,24 @@ local function make_idle(slot_key, slot_id, idle_key, deadlines_key)
   redis.call('SADD', idle_key, slot_id)
   redis.call('ZREM', deadlines_key, slot_id)
 end
+
+-- Finds the slot that holds `task_id` through the tasks index, and checks the
+-- caller's belief that it is `slot_id`. Returns the slot, or nil and the reply to
+-- give: {"WRONG_TASK"} or {"MOVED", owner}. Raises CORRUPT when index and slot disagree.
+local function slot_of_task(tasks_key, slot_key, task_id, slot_id)
+  local owner = redis.call('HGET', tasks_key, task_id)
+  if not owner then
+    return nil, {'WRONG_TASK'}
+  end
+  if owner ~= slot_id then
+    return nil, {'MOVED', owner}
+  end
+  local s, why = read_slot(slot_key)
+  if s == nil then
+    corrupt(slot_key, why)
+  end
+  if s.state ~= 'busy' or s.task_id ~= task_id then
+    corrupt(tasks_key, 'maps the task to slot ' .. slot_id .. ', which does not hold it')
+  end
+  return s
+end

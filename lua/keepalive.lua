@@ -8,19 +8,9 @@ local tasks_key, slot_key, deadlines_key = KEYS[1], KEYS[2], KEYS[3]
 local task_id, slot_id = ARGV[1], ARGV[2]
 check_type(tasks_key, 'hash')
 check_type(deadlines_key, 'zset')
-local owner = redis.call('HGET', tasks_key, task_id)
-if not owner then
-  return {'WRONG_TASK'}
-end
-if owner ~= slot_id then
-  return {'MOVED', owner}
-end
-local s, why = read_slot(slot_key)
+local s, refusal = slot_of_task(tasks_key, slot_key, task_id, slot_id)
 if s == nil then
-  corrupt(slot_key, why)
-end
-if s.state ~= 'busy' or s.task_id ~= task_id then
-  corrupt(tasks_key, 'maps the task to slot ' .. slot_id .. ', which does not hold it')
+  return refusal
 end
 local now = now_ms()
 if s.deadline_ms <= now then

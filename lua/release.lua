@@ -17,19 +17,9 @@ check_type(tasks_key, 'hash')
 check_type(deadlines_key, 'zset')
 check_type(ended_key, 'zset')
 check_type(idle_key, 'set')
-local owner = redis.call('HGET', tasks_key, task_id)
-if not owner then
-  return {'WRONG_TASK'}
-end
-if owner ~= slot_id then
-  return {'MOVED', owner}
-end
-local s, why = read_slot(slot_key)
+local s, refusal = slot_of_task(tasks_key, slot_key, task_id, slot_id)
 if s == nil then
-  corrupt(slot_key, why)
-end
-if s.state ~= 'busy' or s.task_id ~= task_id then
-  corrupt(tasks_key, 'maps the task to slot ' .. slot_id .. ', which does not hold it')
+  return refusal
 end
 if want_lease ~= '' and s.lease ~= strict_int(want_lease) then
   return {'LEASE_LOST', s.lease}
