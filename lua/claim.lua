@@ -23,6 +23,10 @@ local last_lease = redis.call('GET', lease_key)
 if last_lease and strict_int(last_lease) == nil then
   corrupt(lease_key, 'holds a non-number')
 end
+if last_lease and strict_int(last_lease) >= MAX_INT then
+  -- The next lease would not be readable back: refuse before writing anything.
+  corrupt(lease_key, 'is exhausted (' .. last_lease .. ')')
+end
 local s, why = read_slot(slot_key)
 if s == nil then
   corrupt(slot_key, why)

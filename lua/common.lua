@@ -22,6 +22,9 @@ local function check_type(key, want)
   end
 end
 
+-- The largest number the scripts read back: 15 digits, exact in a Lua double.
+local MAX_INT = 999999999999999
+
 -- A strict unsigned integer: digits only, at most 15 of them (exact in a Lua double).
 local function strict_int(v)
   if type(v) ~= 'string' or #v == 0 or #v > 15 or not string.match(v, '^%d+$') then

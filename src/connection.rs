@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use deadpool_redis::{Pool, PoolError};
 use redis::aio::MultiplexedConnection;
-use redis::{Cmd, FromRedisValue, Pipeline, ScriptInvocation};
+use redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, ServerErrorKind};
 
 use crate::error::{Error, Result};
+use crate::scripts::Call;
 
 pub(crate) struct Redis {
     pool: Pool,
@@ -64,12 +65,15 @@ impl Redis {
         F: Fn(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let mut attempt = 0;
+        let mut reconnects = 0;
         loop {
-            attempt += 1;
             let conn = self.connection(context).await?;
             let err = match tokio::time::timeout(self.timeout, send(conn)).await {
                 Ok(Ok(value)) => return Ok(value),
+                Ok(Err(source)) if source.is_timeout() => Error::Timeout {
+                    context,
+                    after: self.timeout,
+                },
                 Ok(Err(source)) => Error::Redis { context, source },
                 Err(_) => Error::Timeout {
                     context,
@@ -78,7 +82,9 @@ impl Redis {
             };
             if err.is_connection_error() {
                 *self.lock() = None;
-                if attempt < 2 && !matches!(err, Error::Timeout { .. }) {
+                // A request that timed out may have run: it is not sent again.
+                if reconnects < 1 && !matches!(err, Error::Timeout { .. }) {
+                    reconnects += 1;
                     tracing::debug!(%err, "redis connection lost; retrying once on a new one");
                     continue;
                 }
@@ -88,13 +94,16 @@ impl Redis {
     }
 
     /// EVALSHA of a prepared script (a NOSCRIPT reply loads it and retries).
-    pub(crate) async fn eval<T: FromRedisValue>(
-        &self,
-        context: &'static str,
-        invocation: &ScriptInvocation<'_>,
-    ) -> Result<T> {
+    pub(crate) async fn eval<T: FromRedisValue>(&self, context: &'static str, call: &Call<'_>) -> Result<T> {
         self.run(context, |mut conn| async move {
-            invocation.invoke_async(&mut conn).await
+            match call.invocation.invoke_async(&mut conn).await {
+                // The redis crate reloaded the script once and it was flushed again in
+                // between: EVAL runs it and caches it in one step.
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    call.eval_cmd().query_async(&mut conn).await
+                }
+                other => other,
+            }
         })
         .await
     }

@@ -210,9 +210,11 @@ impl SchedulerBuilder {
 }
 
 fn make_pool(url: &str, timeout: Duration) -> Result<Pool> {
+    // Only the connect has the redis crate's own timeout: every request is bounded by
+    // `Redis::run`, so that an unanswered one is `Error::Timeout`, never retried.
     let connection = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout));
+        .set_response_timeout(None);
     let manager = Manager::new_with_config(url, connection).map_err(|source| Error::Redis {
         context: "reading the redis url",
         source,
@@ -562,7 +564,10 @@ impl Scheduler {
                     clock.saw(now_ms);
                     continue;
                 }
-                Err(e @ Error::CorruptState { .. }) => {
+                // The slot's own hash is unreadable: skip the slot. A shared key is an
+                // error of the whole tick.
+                Err(Error::CorruptState { key, detail }) if key == inner.keys.slot(slot_id) => {
+                    let e = Error::CorruptState { key, detail };
                     record(
                         &mut report.errors,
                         Stage::CorruptSlot,

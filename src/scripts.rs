@@ -4,7 +4,7 @@
 use std::sync::LazyLock;
 
 use include_dir::{include_dir, Dir};
-use redis::{Script, Value};
+use redis::{Script, ScriptInvocation, ToRedisArgs, Value};
 
 use crate::connection::Redis;
 use crate::error::{Error, Result};
@@ -12,17 +12,22 @@ use crate::keys::Keys;
 
 static LUA: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/lua");
 
-/// Every script, with `common.lua` in front; SHA1s computed once per process.
+/// One script: built once (SHA1 computed once), with its full source for the EVAL
+/// fallback and for loading it up front.
+pub(crate) struct Lua {
+    script: Script,
+    source: String,
+}
+
+/// Every script, with `common.lua` in front.
 pub(crate) struct Scripts {
-    /// The full sources, for loading them all up front.
-    sources: Vec<String>,
-    register: Script,
-    tick: Script,
-    sweep: Script,
-    claim: Script,
-    keepalive: Script,
-    release: Script,
-    free: Script,
+    register: Lua,
+    tick: Lua,
+    sweep: Lua,
+    claim: Lua,
+    keepalive: Lua,
+    release: Lua,
+    free: Lua,
 }
 
 static SCRIPTS: LazyLock<std::result::Result<Scripts, String>> = LazyLock::new(|| {
@@ -32,26 +37,88 @@ static SCRIPTS: LazyLock<std::result::Result<Scripts, String>> = LazyLock::new(|
             .ok_or_else(|| format!("lua/{name} is missing from the build"))
     };
     let common = file("common.lua")?;
-    let mut sources = Vec::new();
-    let mut script = |name: &str| {
+    let lua = |name: &str| {
         file(name).map(|body| {
             let source = format!("{common}\n{body}");
-            let script = Script::new(&source);
-            sources.push(source);
-            script
+            Lua {
+                script: Script::new(&source),
+                source,
+            }
         })
     };
     Ok(Scripts {
-        register: script("register.lua")?,
-        tick: script("tick.lua")?,
-        sweep: script("sweep.lua")?,
-        claim: script("claim.lua")?,
-        keepalive: script("keepalive.lua")?,
-        release: script("release.lua")?,
-        free: script("free.lua")?,
-        sources,
+        register: lua("register.lua")?,
+        tick: lua("tick.lua")?,
+        sweep: lua("sweep.lua")?,
+        claim: lua("claim.lua")?,
+        keepalive: lua("keepalive.lua")?,
+        release: lua("release.lua")?,
+        free: lua("free.lua")?,
     })
 });
+
+impl Scripts {
+    fn all(&self) -> [&Lua; 7] {
+        [
+            &self.register,
+            &self.tick,
+            &self.sweep,
+            &self.claim,
+            &self.keepalive,
+            &self.release,
+            &self.free,
+        ]
+    }
+}
+
+impl Lua {
+    fn call(&self) -> Call<'_> {
+        Call {
+            invocation: self.script.prepare_invoke(),
+            source: &self.source,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+}
+
+/// A script call being built: EVALSHA through `invoke_async` (which loads the
+/// script on NOSCRIPT), with its keys and arguments kept for an EVAL fallback.
+pub(crate) struct Call<'a> {
+    pub(crate) invocation: ScriptInvocation<'a>,
+    source: &'a str,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Call<'_> {
+    fn key(&mut self, key: impl ToRedisArgs) -> &mut Self {
+        for part in key.to_redis_args() {
+            self.invocation.key(part.as_slice());
+            self.keys.push(part);
+        }
+        self
+    }
+
+    fn arg(&mut self, arg: impl ToRedisArgs) -> &mut Self {
+        for part in arg.to_redis_args() {
+            self.invocation.arg(part.as_slice());
+            self.args.push(part);
+        }
+        self
+    }
+
+    /// The same call as one EVAL: runs the script and caches it in one step, so a
+    /// script cache flushed again and again cannot keep it from running.
+    pub(crate) fn eval_cmd(&self) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(self.source)
+            .arg(self.keys.len())
+            .arg(&self.keys)
+            .arg(&self.args);
+        cmd
+    }
+}
 
 fn scripts() -> Result<&'static Scripts> {
     SCRIPTS.as_ref().map_err(|e| Error::Config(e.clone()))
@@ -127,8 +194,8 @@ fn texts(v: &Value) -> Option<Vec<String>> {
 /// reply. (EVALSHA still reloads a script the server lost, e.g. after SCRIPT FLUSH.)
 pub(crate) async fn load_all(redis: &Redis) -> Result<()> {
     let mut pipe = redis::pipe();
-    for source in &scripts()?.sources {
-        pipe.cmd("SCRIPT").arg("LOAD").arg(source).ignore();
+    for lua in scripts()?.all() {
+        pipe.cmd("SCRIPT").arg("LOAD").arg(&lua.source).ignore();
     }
     redis.pipeline::<()>("loading scripts", &pipe).await
 }
@@ -146,7 +213,7 @@ pub(crate) struct RegisterSlot<'a> {
 /// `created`, `ok`, or `corrupt <why>`.
 pub(crate) async fn register(redis: &Redis, keys: &Keys, slots: &[RegisterSlot<'_>]) -> Result<Vec<String>> {
     let script = &scripts()?.register;
-    let mut inv = script.prepare_invoke();
+    let mut inv = script.call();
     inv.key(&keys.slots).key(&keys.idle).key(&keys.deadlines);
     let slot_keys: Vec<String> = slots.iter().map(|s| keys.slot(s.slot_id)).collect();
     for (slot, key) in slots.iter().zip(&slot_keys) {
@@ -176,7 +243,7 @@ pub(crate) struct Tick {
 
 pub(crate) async fn tick(redis: &Redis, keys: &Keys, max_due: usize, ended_memory_ms: u64) -> Result<Tick> {
     let script = &scripts()?.tick;
-    let mut inv = script.prepare_invoke();
+    let mut inv = script.call();
     inv.key(&keys.deadlines).key(&keys.idle).key(&keys.ended);
     inv.arg(max_due).arg(ended_memory_ms);
     let value: Value = redis
@@ -218,7 +285,7 @@ pub(crate) enum Swept {
 
 pub(crate) async fn sweep(redis: &Redis, keys: &Keys, slot_ids: &[String]) -> Result<(u64, Vec<Swept>)> {
     let script = &scripts()?.sweep;
-    let mut inv = script.prepare_invoke();
+    let mut inv = script.call();
     inv.key(&keys.deadlines)
         .key(&keys.idle)
         .key(&keys.tasks)
@@ -291,7 +358,7 @@ pub(crate) enum Claim {
 pub(crate) async fn claim(redis: &Redis, keys: &Keys, args: &ClaimArgs<'_>) -> Result<Claim> {
     let script = &scripts()?.claim;
     let slot_key = keys.slot(args.slot_id);
-    let mut inv = script.prepare_invoke();
+    let mut inv = script.call();
     inv.key(&slot_key)
         .key(&keys.tasks)
         .key(&keys.deadlines)
@@ -376,7 +443,7 @@ pub(crate) async fn keepalive(
 ) -> Result<Held<KeptAlive>> {
     let script = &scripts()?.keepalive;
     let slot_key = keys.slot(slot_id);
-    let mut inv = script.prepare_invoke();
+    let mut inv = script.call();
     inv.key(&keys.tasks)
         .key(&slot_key)
         .key(&keys.deadlines)
@@ -421,7 +488,7 @@ pub(crate) async fn release(
 ) -> Result<Held<Released>> {
     let script = &scripts()?.release;
     let slot_key = keys.slot(slot_id);
-    let mut inv = script.prepare_invoke();
+    let mut inv = script.call();
     inv.key(&keys.tasks)
         .key(&slot_key)
         .key(&keys.deadlines)
@@ -457,7 +524,7 @@ pub(crate) async fn release(
 /// Returns, per slot, whether it was freed (false: someone reclaimed it first).
 pub(crate) async fn free(redis: &Redis, keys: &Keys, slots: &[(String, u64)]) -> Result<Vec<bool>> {
     let script = &scripts()?.free;
-    let mut inv = script.prepare_invoke();
+    let mut inv = script.call();
     inv.key(&keys.deadlines).key(&keys.idle);
     for (slot_id, lease) in slots {
         inv.key(keys.slot(slot_id)).arg(slot_id).arg(lease);

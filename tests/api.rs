@@ -77,8 +77,12 @@ async fn contract_as_written() {
 
     let report: ScheduleReport = scheduler.schedule().await.unwrap();
     let started: &SlotTask = &report.started[0];
-    let (_slot, task, backend, lease): (&String, &String, &String, u64) =
-        (&started.slot_id, &started.task_id, &started.backend, started.lease);
+    let (_slot, task, backend, lease): (&String, &String, &String, u64) = (
+        &started.slot_id,
+        &started.task_id,
+        &started.backend,
+        started.lease,
+    );
     assert_eq!((task.as_str(), backend.as_str()), ("only-task", "MinimalBackend"));
     assert!(lease >= 1);
     assert!(report.timed_out.is_empty());
@@ -86,8 +90,19 @@ async fn contract_as_written() {
     scheduler.keepalive("only-task").await.unwrap();
     let inspection: Inspection = scheduler.inspect().await.unwrap();
     let slot: &SlotState = &inspection.slots[0];
-    let _: (&String, &Vec<String>, &Option<String>, &Option<String>, Option<u64>) =
-        (&slot.slot_id, &slot.backends, &slot.task_id, &slot.backend, slot.lease);
+    let _: (
+        &String,
+        &Vec<String>,
+        &Option<String>,
+        &Option<String>,
+        Option<u64>,
+    ) = (
+        &slot.slot_id,
+        &slot.backends,
+        &slot.task_id,
+        &slot.backend,
+        slot.lease,
+    );
     let _: (Option<SystemTime>, Option<SystemTime>, Option<SystemTime>) =
         (slot.started_at, slot.last_keepalive_at, slot.deadline);
     let backends: &BTreeMap<String, serde_json::Value> = &inspection.backends;
