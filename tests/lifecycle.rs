@@ -158,8 +158,10 @@ async fn failed_start_frees_the_slot() {
     assert_eq!(r.errors[0].stage, Stage::Callback(Callback::Start));
     assert_eq!(fake.ledger().events_of("bad"), ["error:start_callback"]);
     assert_eq!(holders(&s).await["1"], None);
-    // Next tick polls again; "bad" still fails, so make it succeed now.
+    // A later tick polls it again (a poll in the very millisecond the failed start
+    // ended is refused as possibly stale, hence the pause); now let it succeed.
     fake.ledger().fail.clear();
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let r = s.schedule().await.unwrap();
     assert_eq!(r.started[0].task_id, "bad");
 }
