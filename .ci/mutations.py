@@ -1,0 +1,46 @@
+"""Breaks one guarantee at a time in lua/ and checks that some test fails.
+
+Usage: python3 .ci/mutations.py [M1 M2 ...]   (all when none given; TESTS="--test x" narrows)
+Each mutation is applied to the working tree, the tests run, and the file is restored.
+"""
+import os, subprocess, sys, shutil, tempfile
+M = [
+ ("M1 claim ignores busy slot", "lua/claim.lua", "if s.state ~= 'idle' then\n", "if false then\n"),
+ ("M2 claim ignores task already held", "lua/claim.lua", "if redis.call('HEXISTS', tasks_key, task_id) == 1 then", "if false then"),
+ ("M3 claim ignores stale polls", "lua/claim.lua", "(ended_at and tonumber(ended_at) >= polled_at)", "false"),
+ ("M4 sweep ignores deadline", "lua/sweep.lua", "elseif s.state == 'busy' and s.deadline_ms <= now then", "elseif s.state == 'busy' then"),
+ ("M5 sweep frees before callbacks", "lua/sweep.lua", "redis.call('HSET', key, 'state', 'stopping', 'stopping_reason', 'timeout',", "redis.call('SADD', KEYS[2], id)\n    redis.call('HSET', key, 'state', 'idle', 'stopping_reason', 'timeout',"),
+ ("M6 free ignores lease", "lua/free.lua", "s.lease == strict_int(ARGV[2 * i])", "true"),
+ ("M7 keepalive revives expired", "lua/keepalive.lua", "if s.deadline_ms <= now then", "if false then"),
+ ("M8 index owner unchecked", "lua/common.lua", "if owner ~= slot_id then\n    return nil, {'MOVED', owner}", "if false then\n    return nil, {'MOVED', owner}"),
+ ("M9 sweep leaves slot busy", "lua/sweep.lua", """    redis.call('HSET', key, 'state', 'stopping', 'stopping_reason', 'timeout',
+      'stopped_at_ms', now, 'reclaim_at_ms', reclaim_at)
+    redis.call('ZADD', KEYS[1], reclaim_at, id)""", ""),
+ ("M10 slot type unchecked", "lua/common.lua", "  if t ~= 'hash' then\n    return nil, 'is a ' .. t .. ', expected a hash'", "  if false then\n    return nil, 'is a ' .. t .. ', expected a hash'"),
+ ("M12 stopping slots never reclaimed", "lua/sweep.lua", "elseif s.state == 'stopping' and s.reclaim_at_ms <= now then", "elseif false then"),
+ ("M13 claim skips lease counter check", "lua/claim.lua", "if last_lease and strict_int(last_lease) == nil then", "if false then"),
+ ("M11 strict numbers off", "lua/common.lua", "not string.match(v, '^%d+$')", "false"),
+]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKUP = os.path.join(tempfile.gettempdir(), "task-semaphore-mutation.bak")
+sel = sys.argv[1:]
+TESTS = os.environ.get("TESTS", "--tests").split()
+missed = []
+for name, path, old, new in M:
+    if sel and name.split()[0] not in sel: continue
+    p = os.path.join(ROOT, path)
+    src = open(p).read()
+    assert old in src, name
+    shutil.copy(p, BACKUP)
+    open(p, "w").write(src.replace(old, new, 1))
+    try:
+        r = subprocess.run(["cargo", "test", "--no-fail-fast"] + TESTS, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        out = r.stdout + r.stderr
+        failed = sorted(set(l.split()[1] for l in out.splitlines() if l.startswith("test ") and l.endswith("FAILED")))
+        verdict = "caught" if r.returncode != 0 and failed else "NOT CAUGHT"
+        print(f"{name}: {verdict} by {failed}", flush=True)
+        if verdict != "caught":
+            missed.append(name)
+    finally:
+        shutil.copy(BACKUP, p)
+sys.exit(1 if missed else 0)
