@@ -359,6 +359,7 @@ impl Scheduler {
     async fn register(&self) -> Result<()> {
         let inner = &self.inner;
         scripts::load_all(&inner.redis).await?;
+        self.warn_if_evicting().await;
         for chunk in inner.slots.chunks(CHUNK) {
             let args: Vec<RegisterSlot<'_>> = chunk
                 .iter()
@@ -380,6 +381,30 @@ impl Scheduler {
             }
         }
         Ok(())
+    }
+
+    /// Slot keys carry no TTL, but an `allkeys-*` eviction policy may still drop
+    /// them under memory pressure, and a dropped slot loses its holder: say so.
+    /// (`CONFIG` may be denied to this user or renamed; then nothing is said.)
+    async fn warn_if_evicting(&self) {
+        let reply: Result<Vec<String>> = self
+            .inner
+            .redis
+            .query(
+                "reading maxmemory-policy",
+                redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"),
+            )
+            .await;
+        if let Ok(pair) = reply {
+            if let Some(policy) = pair.get(1).filter(|p| p.starts_with("allkeys-")) {
+                tracing::warn!(
+                    policy,
+                    "redis maxmemory-policy {policy} may evict the slot keys of scheduler {:?}; \
+                     use noeviction or a volatile-* policy",
+                    self.inner.name
+                );
+            }
+        }
     }
 
     fn backend(&self, name: &str) -> Option<&Arc<dyn DynBackend>> {
