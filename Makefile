@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint doc mutants redis-server docker-or-redis-server
+.PHONY: demo test lint doc mutants bench redis-server docker-or-redis-server
 
 ## Runs the main job: a scheduler over a simulated backlog (REDIS_URL or a throwaway redis-server).
 demo: redis-server
@@ -22,6 +22,10 @@ doc:
 ## Breaks each guarantee in lua/ in turn and checks that a test fails (several minutes).
 mutants: docker-or-redis-server
 	python3 .ci/mutations.py
+
+## Measures throughput, latency, tick cost and memory (REDIS_URL or a throwaway redis-server; a few minutes).
+bench: redis-server
+	$(CARGO) run --release --locked --bin task-semaphore -- bench
 
 # redis-server from Debian's package, unless REDIS_URL names a server already.
 redis-server:

@@ -3,13 +3,18 @@
 //! ```text
 //! task-semaphore demo [--slots N] [--tasks N]
 //! task-semaphore inspect --name NAME [--redis-url URL] [--prefix P] [--json]
+//! task-semaphore bench [--quick] [--json] [--runs R] [--sizes 1000,10000,100000]
 //! ```
 
+mod bench;
+mod redis_server;
+
 use std::collections::{BTreeMap, HashMap};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use redis_server::ThrowawayRedis;
 use task_semaphore::{
     inspect_redis, Backend, BoxError, Inspection, Scheduler, SlotConfig, SlotStatus, DEFAULT_KEY_PREFIX,
 };
@@ -20,7 +25,11 @@ usage:
       Runs a scheduler over a simulated backlog and shows what happens.
       Uses REDIS_URL if set, else starts a throwaway redis-server.
   task-semaphore inspect --name NAME [--redis-url URL] [--prefix P] [--json]
-      Shows the slots of scheduler NAME (default URL: REDIS_URL or redis://127.0.0.1:6379).";
+      Shows the slots of scheduler NAME (default URL: REDIS_URL or redis://127.0.0.1:6379).
+  task-semaphore bench [--quick] [--json] [--runs R] [--sizes 1000,10000,100000]
+      Measures throughput, latency, tick cost and memory: the median of R runs
+      (default 5; at most 3 at 100,000 slots and more). --quick: one run, 1,000 slots,
+      shorter phases. Uses REDIS_URL if set, else a throwaway redis-server.";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -28,6 +37,7 @@ async fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo(&args[1..]).await,
         Some("inspect") => inspect(&args[1..]).await,
+        Some("bench") => bench::bench(&args[1..]).await,
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             Ok(())
@@ -215,45 +225,6 @@ fn table(i: &Inspection) -> String {
 }
 
 // ------------------------------------------------------------------ demo
-
-/// A redis-server of the demo's own on a free loopback port, stopped on drop.
-struct ThrowawayRedis {
-    child: Child,
-    port: u16,
-}
-
-impl ThrowawayRedis {
-    async fn start() -> Result<Self, String> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("no free port: {e}"))?
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                format!("cannot start redis-server ({e}); install it (apt-get install redis-server) or set REDIS_URL")
-            })?;
-        let server = ThrowawayRedis { child, port };
-        let started = Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            if started.elapsed() > Duration::from_secs(10) {
-                return Err("redis-server did not start within 10 s".into());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(server)
-    }
-}
-
-impl Drop for ThrowawayRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// How a simulated task behaves once started.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
