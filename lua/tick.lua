@@ -1,6 +1,7 @@
 -- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[3] ended zset
 -- ARGV[1] most due slots to return  ARGV[2] how long ended tasks are remembered (ms)
--- Returns  {now_ms, {due slot id, ...}, {idle slot id, ...}}
+-- ARGV[3] "1" to list the idle slots, "0" not to (a later call of the same sweep)
+-- Returns  {now_ms, {due slot id, ...}, {idle slot id, ...}} (the idle list empty for "0")
 -- The one call of a steady tick: what is due for the sweep and which slots are idle.
 -- Its only write forgets ended tasks older than ARGV[2].
 check_type(KEYS[1], 'zset')
@@ -13,5 +14,8 @@ end
 local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (now - memory))
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
-local idle = redis.call('SMEMBERS', KEYS[2])
+local idle = {}
+if ARGV[3] == '1' then
+  idle = redis.call('SMEMBERS', KEYS[2])
+end
 return {now, due, idle}

@@ -673,7 +673,7 @@ impl Scheduler {
         let inner = &self.inner;
         let ended_memory_ms = inner.stale_after_ms.saturating_mul(2);
         let mut report = ScheduleReport::default();
-        let mut tick = scripts::tick(&inner.redis, &inner.keys, MAX_DUE, ended_memory_ms).await?;
+        let mut tick = scripts::tick(&inner.redis, &inner.keys, MAX_DUE, ended_memory_ms, true).await?;
         let mut clock = Clock::new(tick.now_ms);
         let mut idle: BTreeSet<usize> = BTreeSet::new();
         // Bounded, so that slots due again and again (corrupt ones) cannot loop forever.
@@ -751,7 +751,9 @@ impl Scheduler {
             if tick.due.len() < MAX_DUE || round == 9 {
                 break;
             }
-            tick = scripts::tick(&inner.redis, &inner.keys, MAX_DUE, ended_memory_ms).await?;
+            // More due slots: the idle ones are known already (from the first call and
+            // from what this sweep freed), so they are not listed again.
+            tick = scripts::tick(&inner.redis, &inner.keys, MAX_DUE, ended_memory_ms, false).await?;
             clock.saw(tick.now_ms);
         }
         for index in idle {

@@ -241,11 +241,20 @@ pub(crate) struct Tick {
     pub(crate) idle: Vec<String>,
 }
 
-pub(crate) async fn tick(redis: &Redis, keys: &Keys, max_due: usize, ended_memory_ms: u64) -> Result<Tick> {
+/// `with_idle`: whether to list the idle slots (a sweep's later rounds need not).
+pub(crate) async fn tick(
+    redis: &Redis,
+    keys: &Keys,
+    max_due: usize,
+    ended_memory_ms: u64,
+    with_idle: bool,
+) -> Result<Tick> {
     let script = &scripts()?.tick;
     let mut inv = script.call();
     inv.key(&keys.deadlines).key(&keys.idle).key(&keys.ended);
-    inv.arg(max_due).arg(ended_memory_ms);
+    inv.arg(max_due)
+        .arg(ended_memory_ms)
+        .arg(if with_idle { "1" } else { "0" });
     let value: Value = redis
         .eval("reading due and idle slots", &inv)
         .await
