@@ -1119,17 +1119,18 @@ async fn same_task_id_from_two_backends_starts_once() {
     let a = Fake::with_tasks("A", ["same"]);
     let b = Fake::with_tasks("B", ["same"]);
     let c = Fake::with_tasks("C", ["same", "other"]);
-    let s = Scheduler::builder(&name)
-        .redis_url(common::redis_url())
-        .backend(a.clone())
-        .backend(b.clone())
-        .backend(c.clone())
-        .slot(SlotConfig::new("1", ["A"]))
-        .slot(SlotConfig::new("2", ["B"]))
-        .slot(SlotConfig::new("3", ["B", "C"]))
-        .build()
-        .await
-        .unwrap();
+    let replica = || {
+        Scheduler::builder(&name)
+            .redis_url(common::redis_url())
+            .backend(a.clone())
+            .backend(b.clone())
+            .backend(c.clone())
+            .slot(SlotConfig::new("1", ["A"]))
+            .slot(SlotConfig::new("2", ["B"]))
+            .slot(SlotConfig::new("3", ["B", "C"]))
+            .build()
+    };
+    let s = replica().await.unwrap();
     let r = s.schedule().await.unwrap();
     let started: Vec<_> = r
         .started
@@ -1151,17 +1152,7 @@ async fn same_task_id_from_two_backends_starts_once() {
         "{h:?}"
     );
     // Another replica and more ticks do not start it again while it holds slot 1.
-    let s2 = Scheduler::builder(&name)
-        .redis_url(common::redis_url())
-        .backend(a.clone())
-        .backend(b.clone())
-        .backend(c.clone())
-        .slot(SlotConfig::new("1", ["A"]))
-        .slot(SlotConfig::new("2", ["B"]))
-        .slot(SlotConfig::new("3", ["B", "C"]))
-        .build()
-        .await
-        .unwrap();
+    let s2 = replica().await.unwrap();
     for replica in [&s, &s2, &s] {
         let r = replica.schedule().await.unwrap();
         assert!(r.started.is_empty(), "{r:?}");
