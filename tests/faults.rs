@@ -770,11 +770,9 @@ async fn killed_redis_gives_errors_in_bounded_time() {
     };
     let name = unique_name("killed");
     let fake = Fake::with_tasks("Jobs", ["a", "b"]);
-    let s = Scheduler::builder(&name)
+    let s = builder(&name, &fake, 1, LONG)
         .redis_url(server.url())
         .redis_timeout(Duration::from_secs(1))
-        .backend(fake.clone())
-        .slot(SlotConfig::new("1", ["Jobs"]))
         .build()
         .await
         .unwrap();
@@ -826,12 +824,9 @@ async fn silent_redis_gives_errors_then_recovers() {
     let name = unique_name("paused");
     let fake = Fake::with_tasks("Jobs", ["a", "b"]);
     let timeout = Duration::from_millis(300);
-    let s = Scheduler::builder(&name)
+    let s = builder(&name, &fake, 2, LONG)
         .redis_url(server.url())
         .redis_timeout(timeout)
-        .backend(fake.clone())
-        .slot(SlotConfig::new("1", ["Jobs"]).timeout(LONG))
-        .slot(SlotConfig::new("2", ["Jobs"]).timeout(LONG))
         .build()
         .await
         .unwrap();
@@ -877,11 +872,9 @@ async fn unanswered_request_is_error_timeout_within_redis_timeout() {
     let name = unique_name("timeoutkind");
     let fake = Fake::with_tasks("Jobs", ["a"]);
     let timeout = Duration::from_millis(300);
-    let s = Scheduler::builder(&name)
+    let s = builder(&name, &fake, 1, LONG)
         .redis_url(server.url())
         .redis_timeout(timeout)
-        .backend(fake.clone())
-        .slot(SlotConfig::new("1", ["Jobs"]).timeout(LONG))
         .build()
         .await
         .unwrap();
@@ -1170,10 +1163,8 @@ async fn script_flush_storm_is_transparent() {
     };
     let name = unique_name("storm");
     let fake = Fake::with_tasks("Jobs", ["a"]);
-    let s = Scheduler::builder(&name)
+    let s = builder(&name, &fake, 1, LONG)
         .redis_url(server.url())
-        .backend(fake.clone())
-        .slot(SlotConfig::new("1", ["Jobs"]).timeout(LONG))
         .build()
         .await
         .unwrap();
