@@ -19,6 +19,9 @@ M = [
  ("M10 slot type unchecked", "lua/common.lua", "  if t ~= 'hash' then\n    return nil, 'is a ' .. t .. ', expected a hash'", "  if false then\n    return nil, 'is a ' .. t .. ', expected a hash'"),
  ("M12 stopping slots never reclaimed", "lua/sweep.lua", "elseif s.state == 'stopping' and s.reclaim_at_ms <= now then", "elseif false then"),
  ("M13 claim skips lease counter check", "lua/claim.lua", "if last_lease and strict_int(last_lease) == nil then", "if false then"),
+ ("M14 keepalive ignores lease", "lua/keepalive.lua", "if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then", "if false then"),
+ ("M15 release ignores lease", "lua/release.lua", "if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then", "if false then"),
+ ("M16 reclaim skips callbacks", "lua/sweep.lua", "    local reclaim_at = now + s.timeout_ms\n    redis.call('HSET', key, 'reclaim_at_ms', reclaim_at)\n    redis.call('ZADD', KEYS[1], reclaim_at, id)\n    out[#out + 1] = {id, 'reclaimed'", "    make_idle(key, id, KEYS[2], KEYS[1])\n    out[#out + 1] = {id, 'reclaimed'"),
  ("M11 strict numbers off", "lua/common.lua", "not string.match(v, '^%d+$')", "false"),
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

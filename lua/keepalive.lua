@@ -1,16 +1,22 @@
 -- KEYS[1] tasks hash  KEYS[2] slot hash  KEYS[3] deadlines zset
 -- ARGV[1] task id  ARGV[2] slot id the caller believes holds it
+-- ARGV[3] lease the caller holds, or "" for whichever lease holds the task
 -- Returns  {"OK", now_ms, lease, deadline_ms, backend} | {"WRONG_TASK"}
---        | {"MOVED", slot id} | {"EXPIRED", slot id, deadline_ms} | error "CORRUPT <key> ..."
+--        | {"MOVED", slot id} | {"EXPIRED", slot id, deadline_ms}
+--        | {"LEASE_LOST", lease now in the slot} | error "CORRUPT <key> ..."
 -- Pushes the deadline to now + the slot's timeout_ms. A task whose deadline has passed
--- is not revived: the next sweep times it out.
+-- is not revived: the next sweep times it out. With a lease, a newer hold of the same
+-- task id is never extended.
 local tasks_key, slot_key, deadlines_key = KEYS[1], KEYS[2], KEYS[3]
-local task_id, slot_id = ARGV[1], ARGV[2]
+local task_id, slot_id, want_lease = ARGV[1], ARGV[2], ARGV[3]
 check_type(tasks_key, 'hash')
 check_type(deadlines_key, 'zset')
 local s, refusal = slot_of_task(tasks_key, slot_key, task_id, slot_id)
 if s == nil then
   return refusal
+end
+if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then
+  return {'LEASE_LOST', s.lease}
 end
 local now = now_ms()
 if s.deadline_ms <= now then

@@ -21,7 +21,7 @@ local s, refusal = slot_of_task(tasks_key, slot_key, task_id, slot_id)
 if s == nil then
   return refusal
 end
-if want_lease ~= '' and s.lease ~= strict_int(want_lease) then
+if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then
   return {'LEASE_LOST', s.lease}
 end
 

@@ -1,12 +1,14 @@
 -- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[3] tasks hash  KEYS[4] ended zset
 -- KEYS[4+i] slot hash i   -- ARGV[i] slot id i
 -- Returns  {now_ms, {slot_id, "timed_out", task_id, backend, lease, deadline_ms},
---           {slot_id, "reclaimed", task_id, backend, lease, reclaim_at_ms},
+--           {slot_id, "reclaimed", task_id, backend, lease, stopping_reason},
 --           {slot_id, "corrupt", why}, ...}; slots not due are left out.
 -- Takes every due slot in one step. A busy slot past its deadline becomes "stopping"
 -- (its task leaves the index; the slot is not claimable until the caller's free, or
 -- until reclaim_at_ms = now + timeout_ms if that caller dies). A stopping slot past
--- reclaim_at_ms (its callbacks never finished) becomes idle again.
+-- reclaim_at_ms (its callbacks never finished) is handed to this caller in the same
+-- way: it stays stopping with a new reclaim_at_ms while the caller runs the callbacks
+-- again (at least once), then frees it.
 check_type(KEYS[1], 'zset')
 check_type(KEYS[2], 'set')
 check_type(KEYS[3], 'hash')
@@ -38,8 +40,10 @@ for i = 1, n do
     redis.call('ZADD', KEYS[4], now, s.task_id)
     out[#out + 1] = {id, 'timed_out', s.task_id, s.backend, s.lease, s.deadline_ms}
   elseif s.state == 'stopping' and s.reclaim_at_ms <= now then
-    make_idle(key, id, KEYS[2], KEYS[1])
-    out[#out + 1] = {id, 'reclaimed', s.task_id, s.backend, s.lease, s.reclaim_at_ms}
+    local reclaim_at = now + s.timeout_ms
+    redis.call('HSET', key, 'reclaim_at_ms', reclaim_at)
+    redis.call('ZADD', KEYS[1], reclaim_at, id)
+    out[#out + 1] = {id, 'reclaimed', s.task_id, s.backend, s.lease, s.stopping_reason or ''}
   end
 end
 return out

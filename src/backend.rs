@@ -83,8 +83,30 @@ pub trait Backend: Send + Sync + 'static {
     /// [`backend_error_callback`](Backend::backend_error_callback) was told.
     fn start_callback(&self, task_id: &str) -> impl Future<Output = Result<(), BoxError>> + Send;
 
+    /// [`start_callback`](Backend::start_callback) with the lease of the claim: the
+    /// scheduler calls this one, and by default it calls `start_callback`.
+    ///
+    /// Override it to hand the lease to the task, which passes it to
+    /// [`Scheduler::keepalive_with_lease`](crate::Scheduler::keepalive_with_lease) /
+    /// [`stop_with_lease`](crate::Scheduler::stop_with_lease) and to whatever it
+    /// writes to (a fencing token), so that a task that lost its slot cannot act as
+    /// its newer holder. `start_callback` must still be written; it is not called
+    /// when this is overridden.
+    fn start_with_lease(
+        &self,
+        task_id: &str,
+        lease: u64,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let _ = lease;
+        self.start_callback(task_id)
+    }
+
     /// The task left its slot: it stopped, or timed out (after `timeout_callback`).
     /// Fires once per started task. The slot is not reused before this returns.
+    ///
+    /// If the replica running it dies first, the callback runs again when another
+    /// replica reclaims the slot (at least once; see
+    /// [`stop_with_lease`](Backend::stop_with_lease) for a dedupe key).
     fn stop_callback(&self, task_id: &str) -> impl Future<Output = Result<(), BoxError>> + Send {
         let _ = task_id;
         async { Ok(()) }
@@ -95,6 +117,29 @@ pub trait Backend: Send + Sync + 'static {
     fn timeout_callback(&self, task_id: &str) -> impl Future<Output = Result<(), BoxError>> + Send {
         let _ = task_id;
         async { Ok(()) }
+    }
+
+    /// [`stop_callback`](Backend::stop_callback) with the lease that ended: the
+    /// scheduler calls this one, and by default it calls `stop_callback`. The lease
+    /// is the key to deduplicate a callback run again after a replica crash.
+    fn stop_with_lease(
+        &self,
+        task_id: &str,
+        lease: u64,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let _ = lease;
+        self.stop_callback(task_id)
+    }
+
+    /// [`timeout_callback`](Backend::timeout_callback) with the lease that timed
+    /// out: the scheduler calls this one, and by default it calls `timeout_callback`.
+    fn timeout_with_lease(
+        &self,
+        task_id: &str,
+        lease: u64,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let _ = lease;
+        self.timeout_callback(task_id)
     }
 
     /// The task sent a keepalive and its deadline was pushed back.
@@ -175,7 +220,12 @@ fn guarded<'a, T: 'a>(
 pub(crate) trait DynBackend: Send + Sync + 'static {
     fn name(&self) -> &str;
     fn poll(&self) -> BoxFuture<'_, Result<Option<String>, BoxError>>;
-    fn call<'a>(&'a self, which: Callback, task_id: &'a str) -> BoxFuture<'a, Result<(), BoxError>>;
+    fn call<'a>(
+        &'a self,
+        which: Callback,
+        task_id: &'a str,
+        lease: u64,
+    ) -> BoxFuture<'a, Result<(), BoxError>>;
     fn on_error<'a>(
         &'a self,
         task_id: &'a str,
@@ -192,11 +242,16 @@ impl<B: Backend> DynBackend for B {
     fn poll(&self) -> BoxFuture<'_, Result<Option<String>, BoxError>> {
         guarded("poll", Backend::poll(self))
     }
-    fn call<'a>(&'a self, which: Callback, task_id: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
+    fn call<'a>(
+        &'a self,
+        which: Callback,
+        task_id: &'a str,
+        lease: u64,
+    ) -> BoxFuture<'a, Result<(), BoxError>> {
         match which {
-            Callback::Start => guarded(which.as_str(), self.start_callback(task_id)),
-            Callback::Stop => guarded(which.as_str(), self.stop_callback(task_id)),
-            Callback::Timeout => guarded(which.as_str(), self.timeout_callback(task_id)),
+            Callback::Start => guarded(which.as_str(), self.start_with_lease(task_id, lease)),
+            Callback::Stop => guarded(which.as_str(), self.stop_with_lease(task_id, lease)),
+            Callback::Timeout => guarded(which.as_str(), self.timeout_with_lease(task_id, lease)),
             Callback::Keepalive => guarded(which.as_str(), self.keepalive_callback(task_id)),
         }
     }

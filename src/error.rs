@@ -24,6 +24,21 @@ pub enum Error {
         slot_id: String,
     },
 
+    /// A lease-checked call ([`keepalive_with_lease`](crate::Scheduler::keepalive_with_lease),
+    /// [`stop_with_lease`](crate::Scheduler::stop_with_lease)) named a lease that no
+    /// longer holds the task: it was stopped or timed out, and maybe the task id was
+    /// started again under a newer lease. Nothing was extended or freed; a task that
+    /// gets this error should stop its work.
+    #[error("lease {lease} of task {task_id:?} has ended{}", now_held(*.current))]
+    LeaseLost {
+        /// The task id of the call.
+        task_id: String,
+        /// The lease the caller holds.
+        lease: u64,
+        /// The lease that holds the task id now, if it holds a slot at all.
+        current: Option<u64>,
+    },
+
     /// A task id that cannot be stored: empty, or longer than
     /// [`MAX_TASK_ID_LEN`](crate::MAX_TASK_ID_LEN) bytes.
     #[error("invalid task id: {0}")]
@@ -72,6 +87,13 @@ pub enum Error {
         /// How long it waited.
         after: Duration,
     },
+}
+
+fn now_held(current: Option<u64>) -> String {
+    match current {
+        Some(lease) => format!(" (the task id is held under lease {lease} now)"),
+        None => String::new(),
+    }
 }
 
 impl Error {

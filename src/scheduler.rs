@@ -296,6 +296,18 @@ impl Clock {
     }
 }
 
+/// The error for a task that holds no slot (under the caller's lease, if given).
+fn not_held(task_id: &str, lease: Option<u64>, current: Option<u64>) -> Error {
+    match lease {
+        Some(lease) => Error::LeaseLost {
+            task_id: task_id.to_owned(),
+            lease,
+            current,
+        },
+        None => Error::WrongTaskId(task_id.to_owned()),
+    }
+}
+
 /// Checks a task id before it goes to Redis.
 fn check_task_id(task_id: &str) -> Result<()> {
     if task_id.is_empty() {
@@ -497,6 +509,7 @@ impl Scheduler {
         slot_id: &str,
         task_id: &str,
         backend_name: &str,
+        lease: u64,
         timed_out: bool,
         sink: &mut Vec<TickError>,
     ) -> bool {
@@ -515,7 +528,7 @@ impl Scheduler {
             return true;
         };
         if timed_out {
-            if let Err(e) = backend.call(Callback::Timeout, task_id).await {
+            if let Err(e) = backend.call(Callback::Timeout, task_id, lease).await {
                 if !self
                     .tell_error(backend, slot_id, task_id, &e, Callback::Timeout, sink)
                     .await
@@ -524,7 +537,7 @@ impl Scheduler {
                 }
             }
         }
-        match backend.call(Callback::Stop, task_id).await {
+        match backend.call(Callback::Stop, task_id, lease).await {
             Ok(()) => true,
             Err(e) => {
                 self.tell_error(backend, slot_id, task_id, &e, Callback::Stop, sink)
@@ -610,7 +623,7 @@ impl Scheduler {
                 Err(e) => return Err(e),
             };
             self.remember(&task_id, slot_id);
-            match backend.call(Callback::Start, &task_id).await {
+            match backend.call(Callback::Start, &task_id, lease).await {
                 Ok(()) => {
                     report.started.push(SlotTask {
                         slot_id: slot_id.to_owned(),
@@ -701,7 +714,7 @@ impl Scheduler {
                         } => {
                             self.forget(&task_id);
                             if self
-                                .finish(&slot_id, &task_id, &backend, true, &mut report.errors)
+                                .finish(&slot_id, &task_id, &backend, lease, true, &mut report.errors)
                                 .await
                             {
                                 to_free.push((slot_id.clone(), lease));
@@ -720,14 +733,19 @@ impl Scheduler {
                             task_id,
                             backend,
                             lease,
+                            timed_out,
                         } => {
                             tracing::warn!(
                                 slot_id,
                                 task_id,
                                 lease,
-                                "reclaimed a slot whose callbacks never finished"
+                                "reclaiming a slot whose callbacks never finished: running them again"
                             );
-                            idle.extend(inner.slot_index.get(&slot_id).copied());
+                            // At least once: the callbacks run again here (the lease is
+                            // their dedupe key), and the slot is freed whatever they say.
+                            self.finish(&slot_id, &task_id, &backend, lease, timed_out, &mut report.errors)
+                                .await;
+                            to_free.push((slot_id.clone(), lease));
                             let at = from_ms(now_ms);
                             report.reclaimed.push(SlotTask {
                                 slot_id,
@@ -779,11 +797,30 @@ impl Scheduler {
     /// its deadline has already passed (it is about to be timed out);
     /// [`Error::InvalidTaskId`]; Redis errors as for [`schedule`](Self::schedule).
     pub async fn keepalive(&self, task_id: &str) -> Result<()> {
+        self.keep(task_id, None).await
+    }
+
+    /// [`keepalive`](Self::keepalive) for the hold under `lease` only (the lease the
+    /// task got at start, see [`Backend::start_with_lease`](crate::Backend::start_with_lease)).
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`] when that lease no longer holds the task (it was stopped
+    /// or timed out; the task id may even hold a slot again under a newer lease,
+    /// which this call never touches); [`Error::Expired`] when its deadline has
+    /// passed; otherwise as for [`keepalive`](Self::keepalive).
+    pub async fn keepalive_with_lease(&self, task_id: &str, lease: u64) -> Result<()> {
+        self.keep(task_id, Some(lease)).await
+    }
+
+    async fn keep(&self, task_id: &str, lease: Option<u64>) -> Result<()> {
         check_task_id(task_id)?;
         let inner = &self.inner;
         for _ in 0..3 {
-            let slot_id = self.locate(task_id).await?;
-            match scripts::keepalive(&inner.redis, &inner.keys, task_id, &slot_id).await? {
+            let slot_id = match self.locate(task_id).await {
+                Err(Error::WrongTaskId(_)) => return Err(not_held(task_id, lease, None)),
+                other => other?,
+            };
+            match scripts::keepalive(&inner.redis, &inner.keys, task_id, &slot_id, lease).await? {
                 Held::Ok(kept) => {
                     self.remember(task_id, &slot_id);
                     let Some(backend) = self.backend(&kept.backend) else {
@@ -793,21 +830,23 @@ impl Scheduler {
                         );
                         return Ok(());
                     };
-                    if let Err(e) = backend.call(Callback::Keepalive, task_id).await {
+                    if let Err(e) = backend.call(Callback::Keepalive, task_id, kept.lease).await {
                         let mut errors = Vec::new();
                         if self
                             .tell_error(backend, &slot_id, task_id, &e, Callback::Keepalive, &mut errors)
                             .await
                         {
-                            self.end(task_id, &slot_id, "error", &mut errors).await?;
+                            self.end(task_id, &slot_id, "error", Some(kept.lease), &mut errors)
+                                .await?;
                         }
                     }
                     return Ok(());
                 }
-                Held::WrongTask | Held::LeaseLost => {
+                Held::WrongTask => {
                     self.forget(task_id);
-                    return Err(Error::WrongTaskId(task_id.to_owned()));
+                    return Err(not_held(task_id, lease, None));
                 }
+                Held::LeaseLost(current) => return Err(not_held(task_id, lease, Some(current))),
                 Held::Moved(owner) => self.remember(task_id, &owner),
                 Held::Expired => {
                     self.forget(task_id);
@@ -818,7 +857,7 @@ impl Scheduler {
                 }
             }
         }
-        Err(Error::WrongTaskId(task_id.to_owned()))
+        Err(not_held(task_id, lease, None))
     }
 
     /// Ends the task's hold on `slot_id`, runs `stop_callback`, frees the slot.
@@ -828,6 +867,7 @@ impl Scheduler {
         task_id: &str,
         slot_id: &str,
         reason: &str,
+        lease: Option<u64>,
         errors: &mut Vec<TickError>,
     ) -> Result<Option<u64>> {
         let inner = &self.inner;
@@ -840,13 +880,16 @@ impl Scheduler {
                 &slot_id,
                 reason,
                 ReleaseMode::Stopping,
-                None,
+                lease,
             )
             .await?;
             match released {
                 Held::Ok(r) => {
                     self.forget(task_id);
-                    if !self.finish(&slot_id, task_id, &r.backend, false, errors).await {
+                    if !self
+                        .finish(&slot_id, task_id, &r.backend, r.lease, false, errors)
+                        .await
+                    {
                         return Ok(None);
                     }
                     let freed = scripts::free(&inner.redis, &inner.keys, &[(slot_id, r.lease)]).await?;
@@ -856,11 +899,12 @@ impl Scheduler {
                     self.remember(task_id, &owner);
                     slot_id = owner;
                 }
-                Held::WrongTask | Held::Expired | Held::LeaseLost => break,
+                Held::LeaseLost(current) => return Err(not_held(task_id, lease, Some(current))),
+                Held::WrongTask | Held::Expired => break,
             }
         }
         self.forget(task_id);
-        Err(Error::WrongTaskId(task_id.to_owned()))
+        Err(not_held(task_id, lease, None))
     }
 
     /// Frees the task's slot: runs `stop_callback`, makes the slot idle, and at
@@ -871,10 +915,29 @@ impl Scheduler {
     /// [`Error::WrongTaskId`] when the task holds no slot; [`Error::InvalidTaskId`];
     /// Redis errors as for [`schedule`](Self::schedule).
     pub async fn stop(&self, task_id: &str) -> Result<()> {
+        self.stop_hold(task_id, None).await
+    }
+
+    /// [`stop`](Self::stop) for the hold under `lease` only.
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`] when that lease no longer holds the task (nothing is
+    /// stopped or freed, even when the task id holds a slot under a newer lease);
+    /// otherwise as for [`stop`](Self::stop).
+    pub async fn stop_with_lease(&self, task_id: &str, lease: u64) -> Result<()> {
+        self.stop_hold(task_id, Some(lease)).await
+    }
+
+    async fn stop_hold(&self, task_id: &str, lease: Option<u64>) -> Result<()> {
         check_task_id(task_id)?;
-        let slot_id = self.locate(task_id).await?;
+        let slot_id = match self.locate(task_id).await {
+            Err(Error::WrongTaskId(_)) => return Err(not_held(task_id, lease, None)),
+            other => other?,
+        };
         let mut report = ScheduleReport::default();
-        let freed_at = self.end(task_id, &slot_id, "stop", &mut report.errors).await?;
+        let freed_at = self
+            .end(task_id, &slot_id, "stop", lease, &mut report.errors)
+            .await?;
         if let (Some(now_ms), Some(&index)) = (freed_at, self.inner.slot_index.get(&slot_id)) {
             let mut clock = Clock::new(now_ms);
             if let Err(e) = self.fill_slot(index, &mut clock, &mut report).await {

@@ -281,12 +281,15 @@ pub(crate) enum Swept {
         backend: String,
         lease: u64,
     },
-    /// A stopping slot whose callbacks never finished is idle again.
+    /// A stopping slot whose callbacks never finished (its replica died, or they
+    /// failed and the slot was kept): the caller runs them again, then frees it.
     Reclaimed {
         slot_id: String,
         task_id: String,
         backend: String,
         lease: u64,
+        /// It stopped by timing out, so `timeout_callback` runs again too.
+        timed_out: bool,
     },
     /// The slot's hash is unreadable; left alone.
     Corrupt { slot_id: String, why: String },
@@ -330,6 +333,7 @@ pub(crate) async fn sweep(redis: &Redis, keys: &Keys, slot_ids: &[String]) -> Re
                         task_id,
                         backend,
                         lease,
+                        timed_out: text(a.get(5)?)? == "timeout",
                     }
                 }
             }
@@ -421,12 +425,14 @@ pub(crate) enum Held<T> {
     Moved(String),
     /// (keepalive) the deadline has passed.
     Expired,
-    /// (release) the slot holds another lease than the caller's.
-    LeaseLost,
+    /// The task holds its slot under another lease than the caller's (the lease now
+    /// in the slot).
+    LeaseLost(u64),
 }
 
 /// A successful keepalive.
 pub(crate) struct KeptAlive {
+    pub(crate) lease: u64,
     pub(crate) backend: String,
 }
 
@@ -437,7 +443,7 @@ fn held<T>(value: &Value, script: &'static str, ok: impl Fn(&[Value]) -> Option<
             "WRONG_TASK" => Held::WrongTask,
             "MOVED" => Held::Moved(text(a.get(1)?)?),
             "EXPIRED" => Held::Expired,
-            "LEASE_LOST" => Held::LeaseLost,
+            "LEASE_LOST" => Held::LeaseLost(int(a.get(1)?)?),
             _ => return None,
         })
     });
@@ -449,6 +455,7 @@ pub(crate) async fn keepalive(
     keys: &Keys,
     task_id: &str,
     slot_id: &str,
+    lease: Option<u64>,
 ) -> Result<Held<KeptAlive>> {
     let script = &scripts()?.keepalive;
     let slot_key = keys.slot(slot_id);
@@ -457,13 +464,15 @@ pub(crate) async fn keepalive(
         .key(&slot_key)
         .key(&keys.deadlines)
         .arg(task_id)
-        .arg(slot_id);
+        .arg(slot_id)
+        .arg(lease.map(|l| l.to_string()).unwrap_or_default());
     let value: Value = redis
         .eval("extending a deadline", &inv)
         .await
         .map_err(|e| corrupt_or(e, &[&keys.tasks, &slot_key, &keys.deadlines]))?;
     held(&value, "keepalive", |a| {
         Some(KeptAlive {
+            lease: int(a.get(2)?)?,
             backend: text(a.get(4)?)?,
         })
     })

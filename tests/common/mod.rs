@@ -228,6 +228,8 @@ pub struct Ledger {
     pub error_answer: Option<bool>,
     /// Callbacks that never return, per task.
     pub hang: std::collections::HashSet<(Callback, String)>,
+    /// The lease each start/stop/timeout callback was called with: (event, task, lease).
+    pub leases: Vec<(String, String, u64)>,
 }
 
 impl Ledger {
@@ -349,6 +351,24 @@ impl Backend for Fake {
     async fn timeout_callback(&self, task_id: &str) -> Result<(), BoxError> {
         self.event("timeout", task_id);
         self.maybe_fail(Callback::Timeout, task_id).await
+    }
+
+    async fn start_with_lease(&self, task_id: &str, lease: u64) -> Result<(), BoxError> {
+        self.start_callback(task_id).await?;
+        self.ledger().leases.push(("start".into(), task_id.into(), lease));
+        Ok(())
+    }
+
+    async fn stop_with_lease(&self, task_id: &str, lease: u64) -> Result<(), BoxError> {
+        self.ledger().leases.push(("stop".into(), task_id.into(), lease));
+        self.stop_callback(task_id).await
+    }
+
+    async fn timeout_with_lease(&self, task_id: &str, lease: u64) -> Result<(), BoxError> {
+        self.ledger()
+            .leases
+            .push(("timeout".into(), task_id.into(), lease));
+        self.timeout_callback(task_id).await
     }
 
     async fn keepalive_callback(&self, task_id: &str) -> Result<(), BoxError> {
