@@ -22,6 +22,9 @@ M = [
  ("M14 keepalive ignores lease", "lua/keepalive.lua", "if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then", "if false then"),
  ("M15 release ignores lease", "lua/release.lua", "if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then", "if false then"),
  ("M16 reclaim skips callbacks", "lua/sweep.lua", "    local reclaim_at = now + s.timeout_ms\n    redis.call('HSET', key, 'reclaim_at_ms', reclaim_at)\n    redis.call('ZADD', KEYS[1], reclaim_at, id)\n    out[#out + 1] = {id, 'reclaimed'", "    make_idle(key, id, KEYS[2], KEYS[1])\n    out[#out + 1] = {id, 'reclaimed'"),
+ ("M17 claim ignores quarantine", "lua/claim.lua", "if now < quarantine then", "if false then"),
+ ("M18 epoch change unnoticed", "lua/epoch.lua", "elseif seen ~= '' and current ~= seen then", "elseif false then"),
+ ("M19 lease counter not time-based", "lua/claim.lua", "  redis.call('SET', lease_key, now * 100)\n", ""),
  ("M11 strict numbers off", "lua/common.lua", "not string.match(v, '^%d+$')", "false"),
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,6 +20,8 @@ pub(crate) struct Keys {
     pub(crate) ended: String,
     /// STRING, the last lease number handed out.
     pub(crate) lease: String,
+    /// HASH naming the current life of the state (data-loss detection).
+    pub(crate) epoch: String,
 }
 
 impl Keys {
@@ -32,6 +34,7 @@ impl Keys {
             tasks: format!("{base}tasks"),
             ended: format!("{base}ended"),
             lease: format!("{base}lease"),
+            epoch: format!("{base}epoch"),
             base,
         }
     }

@@ -71,6 +71,13 @@ pub struct ScheduleReport {
     pub errors: Vec<TickError>,
     /// Slots of this replica's config still idle after the tick.
     pub idle: usize,
+    /// This tick found that Redis lost the scheduler's state (a restart without
+    /// persistence, `FLUSHALL`, a failover that lost writes): the slots were
+    /// registered again and the quarantine started. Also logged as an error.
+    pub state_lost: bool,
+    /// When a quarantine after lost state is in force: no slot is granted before
+    /// this Redis time, so tasks of the lost generation can finish or time out.
+    pub quarantined_until: Option<SystemTime>,
 }
 
 /// A scheduler's state: every slot of this replica's config and what each backend
@@ -84,6 +91,10 @@ pub struct Inspection {
     pub now: SystemTime,
     /// The last lease number handed out (0 before the first claim).
     pub last_lease: u64,
+    /// The id of the current epoch: one unbroken life of the state in Redis.
+    pub epoch: Option<String>,
+    /// A quarantine after lost state, while it lasts.
+    pub quarantined_until: Option<SystemTime>,
     /// The slots, in configuration order.
     pub slots: Vec<SlotState>,
     /// Each backend's [`Backend::inspect`](crate::Backend::inspect), by name.

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use crate::connection::Redis;
 use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::report::{Inspection, ScheduleReport, SlotTask, Stage, TickError};
-use crate::scripts::{self, Claim, ClaimArgs, Held, RegisterSlot, ReleaseMode, Swept};
+use crate::scripts::{self, Claim, ClaimArgs, EpochVerdict, Held, RegisterSlot, ReleaseMode, Swept};
 use crate::slot::{from_ms, strict_u64, SlotState, SlotStatus};
 
 /// The longest task id accepted, in bytes (64 KiB).
@@ -47,6 +48,7 @@ pub struct SchedulerBuilder {
     errors: Vec<Error>,
     redis_timeout: Duration,
     stale_poll_after: Duration,
+    quarantine_on_data_loss: bool,
 }
 
 impl fmt::Debug for SchedulerBuilder {
@@ -118,6 +120,16 @@ impl SchedulerBuilder {
     /// Redis remembers ended tasks to refuse stale polls of them.
     pub fn stale_poll_after(mut self, window: Duration) -> Self {
         self.stale_poll_after = window;
+        self
+    }
+
+    /// Whether a replica that finds the scheduler's state lost in Redis (a restart
+    /// without persistence, `FLUSHALL`, a failover that lost writes) grants no slot
+    /// for the longest slot timeout of its config, so that tasks of the lost
+    /// generation finish or time out before a new generation starts beside them.
+    /// Default `true`. The loss is detected and logged either way.
+    pub fn quarantine_on_data_loss(mut self, on: bool) -> Self {
+        self.quarantine_on_data_loss = on;
         self
     }
 
@@ -194,6 +206,11 @@ impl SchedulerBuilder {
             (None, None) => return Err(Error::Config("give redis_url or redis_pool".into())),
             (Some(_), Some(_)) => return Err(Error::Config("give redis_url or redis_pool, not both".into())),
         };
+        let quarantine_ms = if self.quarantine_on_data_loss {
+            slots.iter().map(|s| s.config.timeout_ms()).max().unwrap_or(0)
+        } else {
+            0
+        };
         let inner = Inner {
             keys: Keys::new(&self.prefix, &self.name),
             name: self.name,
@@ -203,7 +220,10 @@ impl SchedulerBuilder {
             backends: self.backends,
             backend_index,
             stale_after_ms,
+            quarantine_ms,
             located: Mutex::new(HashMap::new()),
+            epoch: Mutex::new(String::new()),
+            max_lease: AtomicU64::new(0),
         };
         let scheduler = Scheduler {
             inner: Arc::new(inner),
@@ -250,6 +270,12 @@ struct Inner {
     backends: Vec<Arc<dyn DynBackend>>,
     backend_index: HashMap<String, usize>,
     stale_after_ms: u64,
+    /// How long no slot is granted after lost state (the longest slot timeout, or 0).
+    quarantine_ms: u64,
+    /// The epoch id this replica saw last.
+    epoch: Mutex<String>,
+    /// The highest lease this replica has seen, to keep leases from repeating.
+    max_lease: AtomicU64,
     /// Task id -> slot id, a hint that saves the index lookup of a keepalive or stop;
     /// the scripts check it, so a stale hint costs one retry, never a wrong write.
     located: Mutex<HashMap<String, String>>,
@@ -294,6 +320,19 @@ impl Clock {
     fn saw(&mut self, redis_ms: u64) {
         *self = Clock::new(redis_ms);
     }
+}
+
+/// A fresh epoch id: unique enough across processes and time (no rand crate needed).
+fn new_epoch_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(nanos);
+    h.write_u32(std::process::id());
+    format!("{nanos:x}-{:016x}", h.finish())
 }
 
 /// The error for a task that holds no slot (under the caller's lease, if given).
@@ -354,6 +393,7 @@ impl Scheduler {
             errors: Vec::new(),
             redis_timeout: Duration::from_secs(5),
             stale_poll_after: Duration::from_secs(60),
+            quarantine_on_data_loss: true,
         }
     }
 
@@ -376,6 +416,47 @@ impl Scheduler {
         let inner = &self.inner;
         scripts::load_all(&inner.redis).await?;
         self.warn_if_evicting().await;
+        self.check_epoch().await?;
+        self.register_slots().await
+    }
+
+    /// Compares the epoch in Redis with the one this replica saw (creating it when
+    /// missing). Returns whether the state was lost; logs it loudly when so.
+    async fn check_epoch(&self) -> Result<bool> {
+        let inner = &self.inner;
+        let seen = inner.epoch.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let epoch = scripts::epoch(
+            &inner.redis,
+            &inner.keys,
+            &seen,
+            &new_epoch_id(),
+            inner.quarantine_ms,
+            inner.max_lease.load(Ordering::Relaxed),
+        )
+        .await?;
+        let lost = epoch.verdict == EpochVerdict::Lost;
+        if lost {
+            tracing::error!(
+                scheduler = inner.name,
+                key = inner.keys.epoch,
+                seen_epoch = seen,
+                epoch = epoch.id,
+                quarantine_until_ms = epoch.quarantine_until_ms,
+                "REDIS LOST THE STATE OF THIS SCHEDULER (restart without persistence, FLUSHALL or \
+                 a failover that lost writes): tasks started before may still run; no slot is \
+                 granted until the quarantine ends"
+            );
+        }
+        *inner.epoch.lock().unwrap_or_else(|p| p.into_inner()) = epoch.id;
+        Ok(lost)
+    }
+
+    fn saw_lease(&self, lease: u64) {
+        self.inner.max_lease.fetch_max(lease, Ordering::Relaxed);
+    }
+
+    async fn register_slots(&self) -> Result<()> {
+        let inner = &self.inner;
         for chunk in inner.slots.chunks(REGISTER_CHUNK) {
             let args: Vec<RegisterSlot<'_>> = chunk
                 .iter()
@@ -596,7 +677,12 @@ impl Scheduler {
             let lease = match scripts::claim(&inner.redis, &inner.keys, &args).await {
                 Ok(Claim::Ok { now_ms, lease }) => {
                     clock.saw(now_ms);
+                    self.saw_lease(lease);
                     lease
+                }
+                Ok(Claim::Quarantine { now_ms }) => {
+                    clock.saw(now_ms);
+                    return Ok(false);
                 }
                 Ok(Claim::SlotBusy { now_ms }) => {
                     clock.saw(now_ms);
@@ -691,6 +777,16 @@ impl Scheduler {
         let ended_memory_ms = inner.stale_after_ms.saturating_mul(2);
         let mut report = ScheduleReport::default();
         let mut tick = scripts::tick(&inner.redis, &inner.keys, MAX_DUE, ended_memory_ms, true).await?;
+        let known = inner.epoch.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if tick.epoch != known {
+            report.state_lost = self.check_epoch().await?;
+            self.register_slots().await?;
+            tick = scripts::tick(&inner.redis, &inner.keys, MAX_DUE, ended_memory_ms, true).await?;
+        }
+        let quarantined = tick.now_ms < tick.quarantine_until_ms;
+        if quarantined {
+            report.quarantined_until = Some(from_ms(tick.quarantine_until_ms));
+        }
         let mut clock = Clock::new(tick.now_ms);
         let mut idle: BTreeSet<usize> = BTreeSet::new();
         // Bounded, so that slots due again and again (corrupt ones) cannot loop forever.
@@ -713,6 +809,7 @@ impl Scheduler {
                             lease,
                         } => {
                             self.forget(&task_id);
+                            self.saw_lease(lease);
                             if self
                                 .finish(&slot_id, &task_id, &backend, lease, true, &mut report.errors)
                                 .await
@@ -778,6 +875,10 @@ impl Scheduler {
             tick = scripts::tick(&inner.redis, &inner.keys, MAX_DUE, ended_memory_ms, false).await?;
             clock.saw(tick.now_ms);
         }
+        if quarantined {
+            report.idle = idle.len();
+            return Ok(report);
+        }
         for index in idle {
             if !self.fill_slot(index, &mut clock, &mut report).await? {
                 report.idle += 1;
@@ -823,6 +924,7 @@ impl Scheduler {
             match scripts::keepalive(&inner.redis, &inner.keys, task_id, &slot_id, lease).await? {
                 Held::Ok(kept) => {
                     self.remember(task_id, &slot_id);
+                    self.saw_lease(kept.lease);
                     let Some(backend) = self.backend(&kept.backend) else {
                         tracing::warn!(
                             backend = kept.backend,
@@ -962,6 +1064,7 @@ impl Scheduler {
             .map(|s| (s.config.slot_id.clone(), Some(s.config.backends.clone())))
             .collect();
         let mut inspection = read_state(&inner.redis, &inner.keys, &inner.name, slots).await?;
+        self.saw_lease(inspection.last_lease);
         for backend in &inner.backends {
             inspection
                 .backends
@@ -1037,7 +1140,12 @@ async fn read_state(
 ) -> Result<Inspection> {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    pipe.cmd("TIME").get(&keys.lease);
+    pipe.cmd("TIME")
+        .get(&keys.lease)
+        .cmd("HMGET")
+        .arg(&keys.epoch)
+        .arg("id")
+        .arg("quarantine_until_ms");
     for (id, _) in &slots {
         pipe.hgetall(keys.slot(id));
     }
@@ -1059,6 +1167,15 @@ async fn read_state(
             detail: format!("holds {text:?}, not a lease number"),
         })?,
     };
+    let (epoch, quarantine) = match replies.next() {
+        Some(Ok(v)) => redis::from_redis_value::<(Option<String>, Option<String>)>(v).unwrap_or_default(),
+        _ => (None, None),
+    };
+    let quarantined_until = quarantine
+        .as_deref()
+        .and_then(strict_u64)
+        .map(from_ms)
+        .filter(|until| now.is_some_and(|now| now < *until));
     let mut states = Vec::with_capacity(slots.len());
     for ((id, backends), reply) in slots.into_iter().zip(replies) {
         let state = match reply.map(redis::from_redis_value::<HashMap<String, String>>) {
@@ -1080,6 +1197,8 @@ async fn read_state(
         name: name.to_owned(),
         now: now.unwrap_or_else(std::time::SystemTime::now),
         last_lease,
+        epoch,
+        quarantined_until,
         slots: states,
         backends: BTreeMap::new(),
     })

@@ -28,6 +28,7 @@ pub(crate) struct Scripts {
     keepalive: Lua,
     release: Lua,
     free: Lua,
+    epoch: Lua,
 }
 
 static SCRIPTS: LazyLock<std::result::Result<Scripts, String>> = LazyLock::new(|| {
@@ -54,11 +55,12 @@ static SCRIPTS: LazyLock<std::result::Result<Scripts, String>> = LazyLock::new(|
         keepalive: lua("keepalive.lua")?,
         release: lua("release.lua")?,
         free: lua("free.lua")?,
+        epoch: lua("epoch.lua")?,
     })
 });
 
 impl Scripts {
-    fn all(&self) -> [&Lua; 7] {
+    fn all(&self) -> [&Lua; 8] {
         [
             &self.register,
             &self.tick,
@@ -67,6 +69,7 @@ impl Scripts {
             &self.keepalive,
             &self.release,
             &self.free,
+            &self.epoch,
         ]
     }
 }
@@ -232,6 +235,59 @@ pub(crate) async fn register(redis: &Redis, keys: &Keys, slots: &[RegisterSlot<'
         .ok_or_else(|| bad_reply("register", &value))
 }
 
+// ---------------------------------------------------------------- epoch.lua
+
+/// What `epoch.lua` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EpochVerdict {
+    /// No epoch, and this replica had seen none: a new scheduler.
+    New,
+    /// The epoch this replica saw.
+    Same,
+    /// This replica saw another epoch: the state was lost.
+    Lost,
+}
+
+pub(crate) struct Epoch {
+    pub(crate) verdict: EpochVerdict,
+    pub(crate) id: String,
+    pub(crate) quarantine_until_ms: u64,
+}
+
+/// Checks (and creates when missing) the epoch; on a loss, starts the quarantine
+/// and raises the lease counter to `max_lease`.
+pub(crate) async fn epoch(
+    redis: &Redis,
+    keys: &Keys,
+    seen: &str,
+    new_id: &str,
+    quarantine_ms: u64,
+    max_lease: u64,
+) -> Result<Epoch> {
+    let script = &scripts()?.epoch;
+    let mut inv = script.call();
+    inv.key(&keys.epoch).key(&keys.lease);
+    inv.arg(seen).arg(new_id).arg(quarantine_ms).arg(max_lease);
+    let value: Value = redis
+        .eval("checking the epoch", &inv)
+        .await
+        .map_err(|e| corrupt_or(e, &[&keys.epoch, &keys.lease]))?;
+    let parsed = array(&value).and_then(|a| match a {
+        [verdict, id, until] => Some(Epoch {
+            verdict: match text(verdict)?.as_str() {
+                "NEW" => EpochVerdict::New,
+                "SAME" => EpochVerdict::Same,
+                "LOST" => EpochVerdict::Lost,
+                _ => return None,
+            },
+            id: text(id)?,
+            quarantine_until_ms: int(until)?,
+        }),
+        _ => None,
+    });
+    parsed.ok_or_else(|| bad_reply("epoch", &value))
+}
+
 // ---------------------------------------------------------------- tick.lua
 
 /// What a steady tick reads: Redis time, due slots, idle slots.
@@ -239,6 +295,10 @@ pub(crate) struct Tick {
     pub(crate) now_ms: u64,
     pub(crate) due: Vec<String>,
     pub(crate) idle: Vec<String>,
+    /// The epoch id in Redis ("" when there is none).
+    pub(crate) epoch: String,
+    /// No claim before this Redis time (0: none).
+    pub(crate) quarantine_until_ms: u64,
 }
 
 /// `with_idle`: whether to list the idle slots (a sweep's later rounds need not).
@@ -251,19 +311,24 @@ pub(crate) async fn tick(
 ) -> Result<Tick> {
     let script = &scripts()?.tick;
     let mut inv = script.call();
-    inv.key(&keys.deadlines).key(&keys.idle).key(&keys.ended);
+    inv.key(&keys.deadlines)
+        .key(&keys.idle)
+        .key(&keys.ended)
+        .key(&keys.epoch);
     inv.arg(max_due)
         .arg(ended_memory_ms)
         .arg(if with_idle { "1" } else { "0" });
     let value: Value = redis
         .eval("reading due and idle slots", &inv)
         .await
-        .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle, &keys.ended]))?;
+        .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle, &keys.ended, &keys.epoch]))?;
     let parsed = array(&value).and_then(|a| match a {
-        [now, due, idle] => Some(Tick {
+        [now, due, idle, epoch, quarantine] => Some(Tick {
             now_ms: int(now)?,
             due: texts(due)?,
             idle: texts(idle)?,
+            epoch: text(epoch)?,
+            quarantine_until_ms: int(quarantine)?,
         }),
         _ => None,
     });
@@ -362,10 +427,23 @@ pub(crate) struct ClaimArgs<'a> {
 
 /// The claim's outcome; each carries Redis time.
 pub(crate) enum Claim {
-    Ok { now_ms: u64, lease: u64 },
-    SlotBusy { now_ms: u64 },
-    TaskBusy { now_ms: u64 },
-    Stale { now_ms: u64 },
+    Ok {
+        now_ms: u64,
+        lease: u64,
+    },
+    SlotBusy {
+        now_ms: u64,
+    },
+    TaskBusy {
+        now_ms: u64,
+    },
+    Stale {
+        now_ms: u64,
+    },
+    /// State was lost; no claim before the quarantine ends.
+    Quarantine {
+        now_ms: u64,
+    },
 }
 
 pub(crate) async fn claim(redis: &Redis, keys: &Keys, args: &ClaimArgs<'_>) -> Result<Claim> {
@@ -377,7 +455,8 @@ pub(crate) async fn claim(redis: &Redis, keys: &Keys, args: &ClaimArgs<'_>) -> R
         .key(&keys.deadlines)
         .key(&keys.idle)
         .key(&keys.ended)
-        .key(&keys.lease);
+        .key(&keys.lease)
+        .key(&keys.epoch);
     inv.arg(args.slot_id)
         .arg(args.task_id)
         .arg(args.backend)
@@ -394,6 +473,7 @@ pub(crate) async fn claim(redis: &Redis, keys: &Keys, args: &ClaimArgs<'_>) -> R
                 &keys.idle,
                 &keys.ended,
                 &keys.lease,
+                &keys.epoch,
             ],
         )
     })?;
@@ -408,6 +488,7 @@ pub(crate) async fn claim(redis: &Redis, keys: &Keys, args: &ClaimArgs<'_>) -> R
             "SLOT_BUSY" => Claim::SlotBusy { now_ms },
             "TASK_BUSY" => Claim::TaskBusy { now_ms },
             "STALE" => Claim::Stale { now_ms },
+            "QUARANTINE" => Claim::Quarantine { now_ms },
             _ => return None,
         })
     });

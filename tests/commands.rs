@@ -174,8 +174,9 @@ async fn commands_per_operation_with_1000_slots() {
     assert_eq!(total(&keepalive_other), 2, "{keepalive_other:?}"); // HGET + EVALSHA
     assert_eq!(total(&stop_refill), 3, "{stop_refill:?}"); // release, free, claim
     assert_eq!(total(&stop_empty), 2, "{stop_empty:?}"); // release, free
-    assert_eq!(total(&inspect), 2 + N as u64, "{inspect:?}"); // TIME, GET, N x HGETALL: one round trip
-                                                              // tick + 5 sweep chunks + 5 free chunks (200 slots each) + N claims.
+                                                         // TIME, GET lease, HMGET epoch, N x HGETALL: one round trip.
+    assert_eq!(total(&inspect), 3 + N as u64, "{inspect:?}");
+    // tick + 5 sweep chunks + 5 free chunks (200 slots each) + N claims.
     assert_eq!(total(&sweep), 1 + 5 + 5 + N as u64, "{sweep:?}");
     drop(server);
 }

@@ -1,0 +1,52 @@
+-- KEYS[1] epoch hash  KEYS[2] lease counter
+-- ARGV[1] epoch id this replica saw last, or "" (a replica that saw none yet)
+-- ARGV[2] id for a new epoch  ARGV[3] quarantine (ms) to start when state was lost
+-- ARGV[4] highest lease this replica has seen
+-- Returns  {"NEW" | "SAME" | "LOST", epoch id, quarantine_until_ms}
+-- The epoch names one unbroken life of the scheduler's state. A replica that saw
+-- epoch E and finds none (a restart without persistence, FLUSHALL) or another (a
+-- replica recreated it after such a loss) reports LOST: the quarantine then holds
+-- back every claim until quarantine_until_ms, so tasks of the lost generation can
+-- finish or time out first, and the lease counter is raised past every lease this
+-- replica has seen, so no lease number repeats.
+local epoch_key, lease_key = KEYS[1], KEYS[2]
+local seen, new_id = ARGV[1], ARGV[2]
+local quarantine, max_lease = strict_int(ARGV[3]), strict_int(ARGV[4])
+if new_id == '' or quarantine == nil or max_lease == nil then
+  return redis.error_reply('ERR epoch: bad arguments')
+end
+check_type(epoch_key, 'hash')
+check_type(lease_key, 'string')
+local last_lease = redis.call('GET', lease_key)
+if last_lease and strict_int(last_lease) == nil then
+  corrupt(lease_key, 'holds a non-number')
+end
+local current = redis.call('HGET', epoch_key, 'id')
+local until_ms = 0
+if current then
+  until_ms = strict_int(redis.call('HGET', epoch_key, 'quarantine_until_ms') or '0')
+  if until_ms == nil then
+    corrupt(epoch_key, 'has a bad field quarantine_until_ms')
+  end
+end
+
+local now = now_ms()
+local verdict = 'SAME'
+if not current then
+  current = new_id
+  verdict = (seen == '') and 'NEW' or 'LOST'
+  redis.call('HSET', epoch_key, 'id', current, 'created_at_ms', now, 'quarantine_until_ms', 0)
+elseif seen ~= '' and current ~= seen then
+  verdict = 'LOST'
+end
+if verdict == 'LOST' then
+  until_ms = math.max(until_ms, now + quarantine)
+  redis.call('HSET', epoch_key, 'quarantine_until_ms', until_ms, 'lost_at_ms', now)
+  if seen ~= '' then
+    redis.call('HSET', epoch_key, 'previous_id', seen)
+  end
+  if max_lease > (strict_int(last_lease or '0')) then
+    redis.call('SET', lease_key, max_lease)
+  end
+end
+return {verdict, current, until_ms}
