@@ -65,7 +65,8 @@ fn claim_keys<'a>(inv: &mut redis::ScriptInvocation<'a>, name: &str, slot_id: &s
         .key(key(name, "deadlines"))
         .key(key(name, "idle"))
         .key(key(name, "ended"))
-        .key(key(name, "lease"));
+        .key(key(name, "lease"))
+        .key(key(name, "epoch"));
 }
 
 #[tokio::test]
