@@ -6,8 +6,8 @@ Each mutation is applied to the working tree, the tests run, and the file is res
 import os, subprocess, sys, shutil, tempfile
 M = [
  ("M1 claim ignores busy slot", "lua/claim.lua", "if s.state ~= 'idle' then\n", "if false then\n"),
- ("M2 claim ignores task already held", "lua/claim.lua", "if redis.call('HEXISTS', tasks_key, task_id) == 1 then", "if false then"),
- ("M3 claim ignores stale polls", "lua/claim.lua", "(ended_at and tonumber(ended_at) >= polled_at)", "false"),
+ ("M2 claim ignores task already held", "lua/claim.lua", "elseif redis.call('HEXISTS', tasks_key, c.task_id) == 1 then", "elseif false then"),
+ ("M3 claim ignores stale polls", "lua/claim.lua", "(ended_at and tonumber(ended_at) >= c.polled_at)", "false"),
  ("M4 sweep ignores deadline", "lua/sweep.lua", "elseif s.state == 'busy' and s.deadline_ms <= now then", "elseif s.state == 'busy' then"),
  ("M5 sweep frees before callbacks", "lua/sweep.lua", "redis.call('HSET', key, 'state', 'stopping', 'stopping_reason', 'timeout',", "redis.call('SADD', KEYS[2], id)\n    redis.call('HSET', key, 'state', 'idle', 'stopping_reason', 'timeout',"),
  ("M6 free ignores lease", "lua/free.lua", "s.lease == strict_int(ARGV[2 * i])", "true"),

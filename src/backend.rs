@@ -76,6 +76,21 @@ pub trait Backend: Send + Sync + 'static {
     /// [`MAX_TASK_ID_LEN`](crate::MAX_TASK_ID_LEN) bytes.
     fn poll(&self) -> impl Future<Output = Result<Option<String>, BoxError>> + Send;
 
+    /// Up to `n` distinct task ids to start, for filling many idle slots at once;
+    /// `Ok(None)` (the default) means "not provided": the scheduler then calls
+    /// [`poll`](Backend::poll) slot by slot.
+    ///
+    /// The same rules as `poll`: no side effect, ids non-empty and at most
+    /// [`MAX_TASK_ID_LEN`](crate::MAX_TASK_ID_LEN) bytes. The scheduler claims the
+    /// ids for the idle slots whose next backend this is, in config order, in one
+    /// script call per 200 slots, then runs `start_callback` for each claimed one.
+    /// Fewer ids than `n` is fine; duplicates and invalid ids are skipped (invalid
+    /// ones reported as poll errors).
+    fn poll_many(&self, n: usize) -> impl Future<Output = Result<Option<Vec<String>>, BoxError>> + Send {
+        let _ = n;
+        async { Ok(None) }
+    }
+
     /// Launches the task, after its slot was claimed. Mark the task taken here (so
     /// `poll` stops returning it) and return without waiting for the task to end.
     ///
@@ -220,6 +235,7 @@ fn guarded<'a, T: 'a>(
 pub(crate) trait DynBackend: Send + Sync + 'static {
     fn name(&self) -> &str;
     fn poll(&self) -> BoxFuture<'_, Result<Option<String>, BoxError>>;
+    fn poll_many(&self, n: usize) -> BoxFuture<'_, Result<Option<Vec<String>>, BoxError>>;
     fn call<'a>(
         &'a self,
         which: Callback,
@@ -241,6 +257,9 @@ impl<B: Backend> DynBackend for B {
     }
     fn poll(&self) -> BoxFuture<'_, Result<Option<String>, BoxError>> {
         guarded("poll", Backend::poll(self))
+    }
+    fn poll_many(&self, n: usize) -> BoxFuture<'_, Result<Option<Vec<String>>, BoxError>> {
+        guarded("poll_many", Backend::poll_many(self, n))
     }
     fn call<'a>(
         &'a self,

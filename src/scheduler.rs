@@ -1,9 +1,9 @@
 //! The scheduler: its builder, the tick, keepalive, stop, inspect and run.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,13 @@ const SWEEP_CHUNK: usize = 200;
 
 /// Due slots one tick reads at a time; more are read by a further tick call.
 const MAX_DUE: usize = 10_000;
+
+/// Claims per claim script call when filling in batches (`poll_many`): each call
+/// stays around a millisecond of Redis time.
+const CLAIM_CHUNK: usize = 200;
+
+/// `Inner::batching`: the backend returned `None` from `poll_many` (polls one by one).
+const NO_BATCH: u8 = 2;
 
 /// Builds a [`Scheduler`]: name, Redis, backends and slots. Errors surface at
 /// [`build`](SchedulerBuilder::build).
@@ -211,6 +218,7 @@ impl SchedulerBuilder {
         } else {
             0
         };
+        let batching = self.backends.iter().map(|_| AtomicU8::new(0)).collect();
         let inner = Inner {
             keys: Keys::new(&self.prefix, &self.name),
             name: self.name,
@@ -224,6 +232,7 @@ impl SchedulerBuilder {
             located: Mutex::new(HashMap::new()),
             epoch: Mutex::new(String::new()),
             max_lease: AtomicU64::new(0),
+            batching,
         };
         let scheduler = Scheduler {
             inner: Arc::new(inner),
@@ -276,6 +285,8 @@ struct Inner {
     epoch: Mutex<String>,
     /// The highest lease this replica has seen, to keep leases from repeating.
     max_lease: AtomicU64,
+    /// Per backend: 0 not known yet, [`NO_BATCH`] when it has no `poll_many`.
+    batching: Vec<AtomicU8>,
     /// Task id -> slot id, a hint that saves the index lookup of a keepalive or stop;
     /// the scripts check it, so a stale hint costs one retry, never a wrong write.
     located: Mutex<HashMap<String, String>>,
@@ -641,13 +652,19 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Polls the backends of one idle slot in order and starts the first task whose
-    /// claim succeeds. Returns whether the slot was filled.
-    async fn fill_slot(&self, index: usize, clock: &mut Clock, report: &mut ScheduleReport) -> Result<bool> {
+    /// Polls the backends of one idle slot in order, from the `from`-th on, and
+    /// starts the first task whose claim succeeds. Returns whether the slot was filled.
+    async fn fill_slot(
+        &self,
+        index: usize,
+        from: usize,
+        clock: &mut Clock,
+        report: &mut ScheduleReport,
+    ) -> Result<bool> {
         let inner = &self.inner;
         let slot = &inner.slots[index];
         let slot_id = slot.config.slot_id.as_str();
-        for &b in &slot.backends {
+        for &b in slot.backends.iter().skip(from) {
             let backend = &inner.backends[b];
             let name = backend.name();
             self.fresh_clock(clock).await?;
@@ -672,94 +689,241 @@ impl Scheduler {
                 backend: name,
                 timeout_ms: slot.config.timeout_ms(),
                 polled_at_ms,
-                stale_after_ms: inner.stale_after_ms,
             };
-            let lease = match scripts::claim(&inner.redis, &inner.keys, &args).await {
-                Ok(Claim::Ok { now_ms, lease }) => {
-                    clock.saw(now_ms);
-                    self.saw_lease(lease);
-                    lease
+            let (now_ms, outcomes) =
+                scripts::claim(&inner.redis, &inner.keys, inner.stale_after_ms, &[args]).await?;
+            clock.saw(now_ms);
+            match outcomes.into_iter().next() {
+                Some(Claim::Ok { lease }) => {
+                    return Ok(self.start_claimed(index, b, task_id, lease, clock, report).await);
                 }
-                Ok(Claim::Quarantine { now_ms }) => {
-                    clock.saw(now_ms);
+                Some(Claim::TaskBusy | Claim::Stale) => continue,
+                Some(Claim::Corrupt(why)) => {
+                    self.corrupt_claim(slot_id, name, &task_id, why, report);
                     return Ok(false);
                 }
-                Ok(Claim::SlotBusy { now_ms }) => {
-                    clock.saw(now_ms);
-                    return Ok(false);
-                }
-                Ok(Claim::TaskBusy { now_ms } | Claim::Stale { now_ms }) => {
-                    clock.saw(now_ms);
-                    continue;
-                }
-                // The slot's own hash is unreadable: skip the slot. A shared key is an
-                // error of the whole tick.
-                Err(Error::CorruptState { key, detail }) if key == inner.keys.slot(slot_id) => {
-                    let e = Error::CorruptState { key, detail };
-                    record(
+                Some(Claim::SlotBusy | Claim::Quarantine) | None => return Ok(false),
+            }
+        }
+        Ok(false)
+    }
+
+    /// A claim found the slot's own hash unreadable: the slot is skipped.
+    fn corrupt_claim(
+        &self,
+        slot_id: &str,
+        backend: &str,
+        task_id: &str,
+        why: String,
+        report: &mut ScheduleReport,
+    ) {
+        let e = Error::CorruptState {
+            key: self.inner.keys.slot(slot_id),
+            detail: why,
+        };
+        record(
+            &mut report.errors,
+            Stage::CorruptSlot,
+            slot_id,
+            Some(backend),
+            Some(task_id),
+            e,
+        );
+    }
+
+    /// Runs `start_callback` for a task just claimed in slot `index` under `lease`.
+    /// A failed start frees the slot at once. Returns whether the task started.
+    async fn start_claimed(
+        &self,
+        index: usize,
+        b: usize,
+        task_id: String,
+        lease: u64,
+        clock: &mut Clock,
+        report: &mut ScheduleReport,
+    ) -> bool {
+        let inner = &self.inner;
+        let slot_id = inner.slots[index].config.slot_id.as_str();
+        let backend = &inner.backends[b];
+        let name = backend.name();
+        self.saw_lease(lease);
+        self.remember(&task_id, slot_id);
+        match backend.call(Callback::Start, &task_id, lease).await {
+            Ok(()) => {
+                report.started.push(SlotTask {
+                    slot_id: slot_id.to_owned(),
+                    task_id,
+                    backend: name.to_owned(),
+                    lease,
+                    at: from_ms(clock.redis_ms),
+                });
+                true
+            }
+            Err(e) => {
+                // The slot is freed whatever the error callback says.
+                self.tell_error(
+                    backend,
+                    slot_id,
+                    &task_id,
+                    &e,
+                    Callback::Start,
+                    &mut report.errors,
+                )
+                .await;
+                self.forget(&task_id);
+                let released = scripts::release(
+                    &inner.redis,
+                    &inner.keys,
+                    &task_id,
+                    slot_id,
+                    "start_failed",
+                    ReleaseMode::Idle,
+                    Some(lease),
+                )
+                .await;
+                match released {
+                    Ok(Held::Ok(r)) => clock.saw(r.now_ms),
+                    Ok(_) => {} // already gone: swept or reclaimed meanwhile
+                    Err(e) => record(
                         &mut report.errors,
-                        Stage::CorruptSlot,
+                        Stage::Redis,
                         slot_id,
                         Some(name),
                         Some(&task_id),
                         e,
-                    );
-                    return Ok(false);
+                    ),
                 }
-                Err(e) => return Err(e),
-            };
-            self.remember(&task_id, slot_id);
-            match backend.call(Callback::Start, &task_id, lease).await {
-                Ok(()) => {
-                    report.started.push(SlotTask {
-                        slot_id: slot_id.to_owned(),
-                        task_id,
-                        backend: name.to_owned(),
-                        lease,
-                        at: from_ms(clock.redis_ms),
-                    });
-                    return Ok(true);
-                }
-                Err(e) => {
-                    // The slot is freed whatever the error callback says.
-                    self.tell_error(
-                        backend,
-                        slot_id,
-                        &task_id,
-                        &e,
-                        Callback::Start,
-                        &mut report.errors,
-                    )
-                    .await;
-                    self.forget(&task_id);
-                    let released = scripts::release(
-                        &inner.redis,
-                        &inner.keys,
-                        &task_id,
-                        slot_id,
-                        "start_failed",
-                        ReleaseMode::Idle,
-                        Some(lease),
-                    )
-                    .await;
-                    match released {
-                        Ok(Held::Ok(r)) => clock.saw(r.now_ms),
-                        Ok(_) => {} // already gone: swept or reclaimed meanwhile
-                        Err(e) => record(
-                            &mut report.errors,
-                            Stage::Redis,
-                            slot_id,
-                            Some(name),
-                            Some(&task_id),
-                            e,
-                        ),
-                    }
-                    // A slot whose start failed is not polled again in this tick.
-                    return Ok(false);
-                }
+                // A slot whose start failed is not polled again in this tick.
+                false
             }
         }
-        Ok(false)
+    }
+
+    /// Fills idle slots. Slots whose next backend provides `poll_many` are served in
+    /// batches: one `poll_many` per backend and one claim script call per
+    /// [`CLAIM_CHUNK`] slots; the others poll slot by slot, in config order.
+    /// A slot whose batched claim fails for its task (held elsewhere, stale) moves on
+    /// to its next backend in the next round. Returns how many slots stay idle.
+    async fn fill(&self, idle: Vec<usize>, clock: &mut Clock, report: &mut ScheduleReport) -> Result<usize> {
+        let inner = &self.inner;
+        let mut left = 0;
+        // (slot index, position of the backend to poll next)
+        let mut todo: Vec<(usize, usize)> = idle.into_iter().map(|i| (i, 0)).collect();
+        while !todo.is_empty() {
+            // How many slots wait on each backend that may batch.
+            let mut wanted: BTreeMap<usize, usize> = BTreeMap::new();
+            for &(index, pos) in &todo {
+                if let Some(&b) = inner.slots[index].backends.get(pos) {
+                    if inner.batching[b].load(Ordering::Relaxed) != NO_BATCH {
+                        *wanted.entry(b).or_default() += 1;
+                    }
+                }
+            }
+            // One poll_many per such backend: Some(ids), or None when the poll failed.
+            let mut polled: BTreeMap<usize, (u64, Option<std::vec::IntoIter<String>>)> = BTreeMap::new();
+            for (b, n) in wanted {
+                let backend = &inner.backends[b];
+                self.fresh_clock(clock).await?;
+                let polled_at_ms = clock.redis_ms;
+                match backend.poll_many(n).await {
+                    Ok(Some(ids)) => {
+                        polled.insert(b, (polled_at_ms, Some(ids.into_iter())));
+                    }
+                    // No poll_many: this backend polls slot by slot from now on.
+                    Ok(None) => inner.batching[b].store(NO_BATCH, Ordering::Relaxed),
+                    Err(e) => {
+                        let first = todo
+                            .iter()
+                            .find(|(i, p)| inner.slots[*i].backends.get(*p) == Some(&b))
+                            .map_or("", |(i, _)| inner.slots[*i].config.slot_id.as_str());
+                        record(
+                            &mut report.errors,
+                            Stage::Poll,
+                            first,
+                            Some(backend.name()),
+                            None,
+                            e,
+                        );
+                        polled.insert(b, (polled_at_ms, None));
+                    }
+                }
+            }
+            // In config order: slot by slot for backends without poll_many; the ids of
+            // a batch go to its slots in order.
+            let mut claims: BTreeMap<usize, Vec<(usize, usize, String)>> = BTreeMap::new();
+            let mut seen = HashSet::new();
+            for (index, pos) in std::mem::take(&mut todo) {
+                let slot_id = inner.slots[index].config.slot_id.as_str();
+                let Some(&b) = inner.slots[index].backends.get(pos) else {
+                    left += 1;
+                    continue;
+                };
+                let Some((_, ids)) = polled.get_mut(&b) else {
+                    if !self.fill_slot(index, pos, clock, report).await? {
+                        left += 1;
+                    }
+                    continue;
+                };
+                let name = inner.backends[b].name();
+                // The next valid id not given to another slot of this round.
+                let id = ids.as_mut().and_then(|ids| {
+                    ids.find(|id| match check_task_id(id) {
+                        Ok(()) => seen.insert(id.clone()),
+                        Err(e) => {
+                            record(&mut report.errors, Stage::Poll, slot_id, Some(name), None, e);
+                            false
+                        }
+                    })
+                });
+                match id {
+                    Some(id) => claims.entry(b).or_default().push((index, pos, id)),
+                    None => todo.push((index, pos + 1)),
+                }
+            }
+            for (b, claims) in claims {
+                let name = inner.backends[b].name();
+                let polled_at_ms = polled.get(&b).map_or(0, |(at, _)| *at);
+                for chunk in claims.chunks(CLAIM_CHUNK) {
+                    let args: Vec<ClaimArgs<'_>> = chunk
+                        .iter()
+                        .map(|(index, _, id)| {
+                            let slot = &inner.slots[*index];
+                            ClaimArgs {
+                                slot_id: &slot.config.slot_id,
+                                task_id: id,
+                                backend: name,
+                                timeout_ms: slot.config.timeout_ms(),
+                                polled_at_ms,
+                            }
+                        })
+                        .collect();
+                    let (now_ms, outcomes) =
+                        scripts::claim(&inner.redis, &inner.keys, inner.stale_after_ms, &args).await?;
+                    clock.saw(now_ms);
+                    for ((index, pos, id), outcome) in chunk.iter().zip(outcomes) {
+                        match outcome {
+                            Claim::Ok { lease } => {
+                                if !self
+                                    .start_claimed(*index, b, id.clone(), lease, clock, report)
+                                    .await
+                                {
+                                    left += 1;
+                                }
+                            }
+                            Claim::TaskBusy | Claim::Stale => todo.push((*index, pos + 1)),
+                            Claim::Corrupt(why) => {
+                                let slot_id = inner.slots[*index].config.slot_id.as_str();
+                                self.corrupt_claim(slot_id, name, id, why, report);
+                                left += 1;
+                            }
+                            Claim::SlotBusy | Claim::Quarantine => left += 1,
+                        }
+                    }
+                }
+            }
+            todo.sort_unstable();
+        }
+        Ok(left)
     }
 
     /// One tick: sweeps expired slots (`timeout_callback`, then `stop_callback`,
@@ -879,11 +1043,9 @@ impl Scheduler {
             report.idle = idle.len();
             return Ok(report);
         }
-        for index in idle {
-            if !self.fill_slot(index, &mut clock, &mut report).await? {
-                report.idle += 1;
-            }
-        }
+        report.idle = self
+            .fill(idle.into_iter().collect(), &mut clock, &mut report)
+            .await?;
         Ok(report)
     }
 
@@ -1042,7 +1204,7 @@ impl Scheduler {
             .await?;
         if let (Some(now_ms), Some(&index)) = (freed_at, self.inner.slot_index.get(&slot_id)) {
             let mut clock = Clock::new(now_ms);
-            if let Err(e) = self.fill_slot(index, &mut clock, &mut report).await {
+            if let Err(e) = self.fill_slot(index, 0, &mut clock, &mut report).await {
                 tracing::warn!(slot_id, "refilling the slot after a stop failed: {e}");
             }
         }

@@ -422,52 +422,52 @@ pub(crate) struct ClaimArgs<'a> {
     pub(crate) timeout_ms: u64,
     /// Redis time of a reply received before the poll began.
     pub(crate) polled_at_ms: u64,
-    pub(crate) stale_after_ms: u64,
 }
 
-/// The claim's outcome; each carries Redis time.
+/// One claim's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Claim {
     Ok {
-        now_ms: u64,
         lease: u64,
     },
-    SlotBusy {
-        now_ms: u64,
-    },
-    TaskBusy {
-        now_ms: u64,
-    },
-    Stale {
-        now_ms: u64,
-    },
+    SlotBusy,
+    TaskBusy,
+    Stale,
     /// State was lost; no claim before the quarantine ends.
-    Quarantine {
-        now_ms: u64,
-    },
+    Quarantine,
+    /// The slot's hash is unreadable (why).
+    Corrupt(String),
 }
 
-pub(crate) async fn claim(redis: &Redis, keys: &Keys, args: &ClaimArgs<'_>) -> Result<Claim> {
+/// Claims slots in one script call, in order. Returns Redis time and one outcome per
+/// claim.
+pub(crate) async fn claim(
+    redis: &Redis,
+    keys: &Keys,
+    stale_after_ms: u64,
+    claims: &[ClaimArgs<'_>],
+) -> Result<(u64, Vec<Claim>)> {
     let script = &scripts()?.claim;
-    let slot_key = keys.slot(args.slot_id);
     let mut inv = script.call();
-    inv.key(&slot_key)
-        .key(&keys.tasks)
+    inv.key(&keys.tasks)
         .key(&keys.deadlines)
         .key(&keys.idle)
         .key(&keys.ended)
         .key(&keys.lease)
         .key(&keys.epoch);
-    inv.arg(args.slot_id)
-        .arg(args.task_id)
-        .arg(args.backend)
-        .arg(args.timeout_ms)
-        .arg(args.polled_at_ms)
-        .arg(args.stale_after_ms);
-    let value: Value = redis.eval("claiming a slot", &inv).await.map_err(|e| {
+    inv.arg(stale_after_ms);
+    for c in claims {
+        inv.key(keys.slot(c.slot_id))
+            .arg(c.slot_id)
+            .arg(c.task_id)
+            .arg(c.backend)
+            .arg(c.timeout_ms)
+            .arg(c.polled_at_ms);
+    }
+    let value: Value = redis.eval("claiming slots", &inv).await.map_err(|e| {
         corrupt_or(
             e,
             &[
-                &slot_key,
                 &keys.tasks,
                 &keys.deadlines,
                 &keys.idle,
@@ -478,19 +478,27 @@ pub(crate) async fn claim(redis: &Redis, keys: &Keys, args: &ClaimArgs<'_>) -> R
         )
     })?;
     let parsed = array(&value).and_then(|a| {
-        let status = text(a.first()?)?;
-        let now_ms = int(a.get(1)?)?;
-        Some(match status.as_str() {
-            "OK" => Claim::Ok {
-                now_ms,
-                lease: int(a.get(2)?)?,
-            },
-            "SLOT_BUSY" => Claim::SlotBusy { now_ms },
-            "TASK_BUSY" => Claim::TaskBusy { now_ms },
-            "STALE" => Claim::Stale { now_ms },
-            "QUARANTINE" => Claim::Quarantine { now_ms },
-            _ => return None,
-        })
+        let (now, rest) = a.split_first()?;
+        if rest.len() != 2 * claims.len() {
+            return None;
+        }
+        let outcomes = rest
+            .chunks(2)
+            .map(|pair| {
+                let status = text(&pair[0])?;
+                Some(match status.as_str() {
+                    "OK" => Claim::Ok {
+                        lease: int(&pair[1])?,
+                    },
+                    "SLOT_BUSY" => Claim::SlotBusy,
+                    "TASK_BUSY" => Claim::TaskBusy,
+                    "STALE" => Claim::Stale,
+                    "QUARANTINE" => Claim::Quarantine,
+                    other => Claim::Corrupt(other.strip_prefix("CORRUPT ")?.to_owned()),
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some((int(now)?, outcomes))
     });
     parsed.ok_or_else(|| bad_reply("claim", &value))
 }

@@ -142,6 +142,18 @@ async fn commands_per_operation_with_1000_slots() {
     let r = r.unwrap();
     assert_eq!((r.timed_out.len(), r.started.len()), (N, N));
 
+    // The same fill and sweep with poll_many: claims in chunks of 200.
+    let name3 = unique_name("cost-batch");
+    let mut fake3 = Fake::with_tasks("Jobs", tasks("v", 2 * N));
+    fake3.batch = true;
+    let s3 = build(&url, &name3, &fake3, Duration::from_millis(1500)).await;
+    let (r, fill_batch) = m.count(s3.schedule()).await;
+    assert_eq!(r.unwrap().started.len(), N);
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (r, sweep_batch) = m.count(s3.schedule()).await;
+    let r = r.unwrap();
+    assert_eq!((r.timed_out.len(), r.started.len()), (N, N));
+
     let rows = [
         ("build (register 1,000 slots)", &build_cost),
         ("fill 1,000 idle slots", &fill),
@@ -152,6 +164,8 @@ async fn commands_per_operation_with_1000_slots() {
         ("stop, nothing to refill with", &stop_empty),
         ("inspect", &inspect),
         ("sweep 1,000 expired + refill them", &sweep),
+        ("fill 1,000 idle slots with poll_many", &fill_batch),
+        ("sweep 1,000 expired + refill them with poll_many", &sweep_batch),
     ];
     println!("| operation | commands sent | of which | run inside scripts |");
     for (what, c) in rows {
@@ -178,5 +192,8 @@ async fn commands_per_operation_with_1000_slots() {
     assert_eq!(total(&inspect), 3 + N as u64, "{inspect:?}");
     // tick + 5 sweep chunks + 5 free chunks (200 slots each) + N claims.
     assert_eq!(total(&sweep), 1 + 5 + 5 + N as u64, "{sweep:?}");
+    // 1 tick + 5 claim chunks; the refill after a sweep the same.
+    assert_eq!(total(&fill_batch), 1 + 5, "{fill_batch:?}");
+    assert_eq!(total(&sweep_batch), 1 + 5 + 5 + 5, "{sweep_batch:?}");
     drop(server);
 }

@@ -25,11 +25,22 @@ async fn replicas(name: &str, fake: &Fake, n: usize, slots: usize, timeout: Dura
 /// Replicas racing over a backlog (with slow polls, so results go stale) never run
 /// more than N tasks, start every task exactly once and stop each once.
 async fn racing_replicas_keep_the_cap_and_start_each_task_once() {
+    race(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+/// The same race with `poll_many`: batched claims keep the same guarantees.
+async fn racing_replicas_with_poll_many_keep_the_cap() {
+    race(true).await;
+}
+
+async fn race(batch: bool) {
     let name = unique_name("race");
     let total = 150;
     let slots = 5;
     let mut fake = Fake::with_tasks("Jobs", tasks("t", total));
     fake.poll_delay = Some(Duration::from_millis(2));
+    fake.batch = batch;
     let reps = replicas(&name, &fake, 4, slots, LONG).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));

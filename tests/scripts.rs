@@ -59,14 +59,28 @@ async fn setup(
     (name, raw(&common::redis_url()).await, s)
 }
 
-fn claim_keys<'a>(inv: &mut redis::ScriptInvocation<'a>, name: &str, slot_id: &str) {
-    inv.key(key(name, &format!("slot:{slot_id}")))
-        .key(key(name, "tasks"))
-        .key(key(name, "deadlines"))
-        .key(key(name, "idle"))
-        .key(key(name, "ended"))
-        .key(key(name, "lease"))
-        .key(key(name, "epoch"));
+/// One claim of `task` in `slot_id` through claim.lua, as the crate calls it.
+async fn claim_one(
+    conn: &mut redis::aio::MultiplexedConnection,
+    name: &str,
+    slot_id: &str,
+    task: &str,
+    polled_at_ms: u64,
+) -> Vec<String> {
+    let claim = script("claim.lua");
+    let mut inv = claim.prepare_invoke();
+    for k in ["tasks", "deadlines", "idle", "ended", "lease", "epoch"] {
+        inv.key(key(name, k));
+    }
+    inv.key(key(name, &format!("slot:{slot_id}")));
+    inv.arg(60_000)
+        .arg(slot_id)
+        .arg(task)
+        .arg("Jobs")
+        .arg(1000)
+        .arg(polled_at_ms);
+    let out: Value = inv.invoke_async(conn).await.unwrap();
+    texts(&out)
 }
 
 #[tokio::test]
@@ -76,30 +90,17 @@ async fn claim_refuses_busy_slots_and_held_tasks() {
     let before = slot(&mut conn, &name, "1").await;
     let now: (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
     let now_ms = now.0 * 1000 + now.1 / 1000;
-    let claim = script("claim.lua");
 
-    let mut inv = claim.prepare_invoke();
-    claim_keys(&mut inv, &name, "1");
-    inv.arg("1")
-        .arg("b")
-        .arg("Jobs")
-        .arg(1000)
-        .arg(now_ms)
-        .arg(60_000);
-    let out: Value = inv.invoke_async(&mut conn).await.unwrap();
-    assert_eq!(texts(&out)[0], "SLOT_BUSY");
+    assert_eq!(
+        claim_one(&mut conn, &name, "1", "b", now_ms).await[1],
+        "SLOT_BUSY"
+    );
     assert_eq!(slot(&mut conn, &name, "1").await, before);
 
-    let mut inv = claim.prepare_invoke();
-    claim_keys(&mut inv, &name, "2");
-    inv.arg("2")
-        .arg("a")
-        .arg("Jobs")
-        .arg(1000)
-        .arg(now_ms)
-        .arg(60_000);
-    let out: Value = inv.invoke_async(&mut conn).await.unwrap();
-    assert_eq!(texts(&out)[0], "TASK_BUSY");
+    assert_eq!(
+        claim_one(&mut conn, &name, "2", "a", now_ms).await[1],
+        "TASK_BUSY"
+    );
     assert_eq!(slot(&mut conn, &name, "2").await["state"], "idle");
 }
 

@@ -230,6 +230,8 @@ pub struct Ledger {
     pub hang: std::collections::HashSet<(Callback, String)>,
     /// The lease each start/stop/timeout callback was called with: (event, task, lease).
     pub leases: Vec<(String, String, u64)>,
+    /// The `n` of every poll_many call (batching fakes only).
+    pub poll_many_calls: Vec<usize>,
 }
 
 impl Ledger {
@@ -260,6 +262,8 @@ pub struct Fake {
     pub poll_gate: Option<Arc<tokio::sync::Semaphore>>,
     /// Optional pause at the start of timeout_callback and stop_callback.
     pub callback_delay: Option<Duration>,
+    /// Whether poll_many is provided (the first n pending tasks).
+    pub batch: bool,
 }
 
 impl Fake {
@@ -270,6 +274,7 @@ impl Fake {
             poll_delay: None,
             poll_gate: None,
             callback_delay: None,
+            batch: false,
         }
     }
     pub fn with_tasks(name: &str, tasks: impl IntoIterator<Item = impl Into<String>>) -> Self {
@@ -327,6 +332,30 @@ impl Backend for Fake {
             tokio::time::sleep(delay).await;
         }
         Ok(next)
+    }
+
+    async fn poll_many(&self, n: usize) -> Result<Option<Vec<String>>, BoxError> {
+        if !self.batch {
+            return Ok(None);
+        }
+        let (fails, next) = {
+            let mut l = self.ledger();
+            l.poll_many_calls.push(n);
+            (
+                l.poll_fails,
+                l.pending.iter().take(n).cloned().collect::<Vec<_>>(),
+            )
+        };
+        if fails {
+            return Err("poll_many failed on purpose".into());
+        }
+        if let Some(gate) = &self.poll_gate {
+            gate.acquire().await.unwrap().forget();
+        }
+        if let Some(delay) = self.poll_delay {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(Some(next))
     }
 
     async fn start_callback(&self, task_id: &str) -> Result<(), BoxError> {

@@ -1,0 +1,134 @@
+//! `Backend::poll_many`: filling many idle slots in batches keeps every rule of the
+//! slot-by-slot fill.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{builder, holders, redis_url, tasks, unique_name, Fake};
+use task_semaphore::{Scheduler, SlotConfig, Stage};
+
+const LONG: Duration = Duration::from_secs(3600);
+
+fn batching(name: &str, pending: impl IntoIterator<Item = impl Into<String>>) -> Fake {
+    let mut fake = Fake::with_tasks(name, pending);
+    fake.batch = true;
+    fake
+}
+
+#[tokio::test]
+/// One poll_many call fills every idle slot, in config order.
+async fn one_poll_many_fills_all_idle_slots() {
+    let name = unique_name("batchfill");
+    let fake = batching("Jobs", tasks("t", 450));
+    let s = builder(&name, &fake, 300, LONG).build().await.unwrap();
+    let r = s.schedule().await.unwrap();
+    assert_eq!(r.started.len(), 300);
+    assert_eq!(r.idle, 0);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    for (i, t) in r.started.iter().enumerate() {
+        assert_eq!(
+            (t.slot_id.as_str(), t.task_id.as_str()),
+            (&*(i + 1).to_string(), &*format!("t{i}"))
+        );
+    }
+    assert_eq!(fake.ledger().poll_many_calls, [300]);
+    // Leases strictly increasing.
+    assert!(r.started.windows(2).all(|w| w[0].lease < w[1].lease));
+    // Nothing idle: the next tick asks for nothing.
+    s.schedule().await.unwrap();
+    assert_eq!(fake.ledger().poll_many_calls, [300]);
+}
+
+#[tokio::test]
+/// Duplicates and invalid ids are skipped (invalid ones reported), a short answer
+/// leaves slots to the next backend, and the slot-by-slot backend fills the rest.
+async fn short_and_odd_batches_fall_through_to_the_next_backend() {
+    let name = unique_name("batchodd");
+    let batch = batching("Batch", ["a", "a", "", "b"]);
+    let single = Fake::with_tasks("Single", ["s1", "s2", "s3"]);
+    let mut b = Scheduler::builder(&name)
+        .redis_url(redis_url())
+        .backend(batch.clone())
+        .backend(single.clone());
+    for i in 1..=4 {
+        b = b.slot(SlotConfig::new(i.to_string(), ["Batch", "Single"]).timeout(LONG));
+    }
+    let s = b.build().await.unwrap();
+    let r = s.schedule().await.unwrap();
+    let h = holders(&s).await;
+    let held: Vec<_> = h.values().map(|t| t.clone().unwrap()).collect();
+    assert_eq!(held, ["a", "b", "s1", "s2"], "{r:?}");
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert_eq!(r.errors[0].stage, Stage::Poll);
+    assert!(r.errors[0].message.contains("empty"), "{:?}", r.errors);
+}
+
+#[tokio::test]
+/// A batched id that another replica started already is not started again; its
+/// slot goes on to the next backend.
+async fn batched_task_held_elsewhere_is_not_started_twice() {
+    let name = unique_name("batchbusy");
+    let first = Fake::with_tasks("Jobs", ["x"]);
+    let s1 = builder(&name, &first, 1, LONG).build().await.unwrap();
+    s1.schedule().await.unwrap();
+    // A second replica with more slots whose backend still offers x (stale view).
+    let stale = batching("Jobs", ["x", "y"]);
+    let mut b = Scheduler::builder(&name)
+        .redis_url(redis_url())
+        .backend(stale.clone());
+    for i in 1..=3 {
+        b = b.slot(SlotConfig::new(i.to_string(), ["Jobs"]).timeout(LONG));
+    }
+    let s2 = b.build().await.unwrap();
+    let r = s2.schedule().await.unwrap();
+    let started: Vec<_> = r.started.iter().map(|t| t.task_id.as_str()).collect();
+    assert_eq!(started, ["y"], "{r:?}");
+    assert_eq!(stale.ledger().starts.get("x"), None);
+    assert_eq!(holders(&s2).await["1"].as_deref(), Some("x"));
+}
+
+#[tokio::test]
+/// A failing poll_many is a Poll error; the slots go on to their next backend.
+async fn failing_poll_many_is_reported_and_skipped() {
+    let name = unique_name("batchfail");
+    let batch = batching("Batch", ["a"]);
+    batch.ledger().poll_fails = true;
+    let single = Fake::with_tasks("Single", ["s1"]);
+    let s = Scheduler::builder(&name)
+        .redis_url(redis_url())
+        .backend(batch.clone())
+        .backend(single.clone())
+        .slot(SlotConfig::new("1", ["Batch", "Single"]).timeout(LONG))
+        .build()
+        .await
+        .unwrap();
+    let r = s.schedule().await.unwrap();
+    assert_eq!(r.started[0].task_id, "s1");
+    assert_eq!(r.errors[0].stage, Stage::Poll);
+    assert_eq!(r.errors[0].backend.as_deref(), Some("Batch"));
+}
+
+#[tokio::test]
+/// A failed start in a batch frees that slot only; the others start.
+async fn failed_start_in_a_batch_frees_only_its_slot() {
+    let name = unique_name("batchstart");
+    let fake = batching("Jobs", ["a", "b", "c"]);
+    {
+        let mut l = fake.ledger();
+        l.fail.insert((task_semaphore::Callback::Start, "b".into()));
+        l.error_answer = Some(false);
+    }
+    let s = builder(&name, &fake, 3, LONG).build().await.unwrap();
+    let r = s.schedule().await.unwrap();
+    let started: Vec<_> = r.started.iter().map(|t| t.task_id.as_str()).collect();
+    assert_eq!(started, ["a", "c"]);
+    assert_eq!(r.idle, 1);
+    let h = holders(&s).await;
+    assert_eq!(h["2"], None);
+    // b is still pending (its start failed): the next tick starts it.
+    fake.ledger().fail.clear();
+    let r = s.schedule().await.unwrap();
+    assert_eq!(r.started[0].task_id, "b");
+}
