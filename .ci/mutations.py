@@ -5,8 +5,8 @@ Each mutation is applied to the working tree, the tests run, and the file is res
 """
 import os, subprocess, sys, shutil, tempfile
 M = [
- ("M1 claim ignores busy slot", "lua/claim.lua", "if s.state ~= 'idle' then\n", "if false then\n"),
- ("M2 claim ignores task already held", "lua/claim.lua", "elseif redis.call('HEXISTS', tasks_key, c.task_id) == 1 then", "elseif false then"),
+ ("M1 claim ignores busy slot", "lua/claim.lua", "elseif c.state ~= 'idle' then\n", "elseif false then\n"),
+ ("M2 claim ignores task already held", "lua/claim.lua", "elseif held[c.task_id] or redis.call('HEXISTS', tasks_key, c.task_id) == 1 then", "elseif false then"),
  ("M3 claim ignores stale polls", "lua/claim.lua", "(ended_at and tonumber(ended_at) >= c.polled_at)", "false"),
  ("M4 sweep ignores deadline", "lua/sweep.lua", "elseif s.state == 'busy' and s.deadline_ms <= now then", "elseif s.state == 'busy' then"),
  ("M5 sweep frees before callbacks", "lua/sweep.lua", "redis.call('HSET', key, 'state', 'stopping', 'stopping_reason', 'timeout',", "redis.call('SADD', KEYS[2], id)\n    redis.call('HSET', key, 'state', 'idle', 'stopping_reason', 'timeout',"),
@@ -14,17 +14,16 @@ M = [
  ("M7 keepalive revives expired", "lua/keepalive.lua", "if s.deadline_ms <= now then", "if false then"),
  ("M8 index owner unchecked", "lua/common.lua", "if owner ~= slot_id then\n    return nil, {'MOVED', owner}", "if false then\n    return nil, {'MOVED', owner}"),
  ("M9 sweep leaves slot busy", "lua/sweep.lua", """    redis.call('HSET', key, 'state', 'stopping', 'stopping_reason', 'timeout',
-      'stopped_at_ms', now, 'reclaim_at_ms', reclaim_at)
-    redis.call('ZADD', KEYS[1], reclaim_at, id)""", ""),
- ("M10 slot type unchecked", "lua/common.lua", "  if t ~= 'hash' then\n    return nil, 'is a ' .. t .. ', expected a hash'", "  if false then\n    return nil, 'is a ' .. t .. ', expected a hash'"),
+      'stopped_at_ms', now, 'reclaim_at_ms', reclaim_at)""", ""),
+ ("M10 slot type unchecked", "lua/common.lua", "local flat = redis.pcall('HMGET', key, unpack(SLOT_FIELDS))", "local flat = redis.call('HMGET', key, unpack(SLOT_FIELDS))"),
  ("M12 stopping slots never reclaimed", "lua/sweep.lua", "elseif s.state == 'stopping' and s.reclaim_at_ms <= now then", "elseif false then"),
  ("M13 claim skips lease counter check", "lua/claim.lua", "if last_lease and strict_int(last_lease) == nil then", "if false then"),
  ("M14 keepalive ignores lease", "lua/keepalive.lua", "if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then", "if false then"),
  ("M15 release ignores lease", "lua/release.lua", "if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then", "if false then"),
- ("M16 reclaim skips callbacks", "lua/sweep.lua", "    local reclaim_at = now + s.timeout_ms\n    redis.call('HSET', key, 'reclaim_at_ms', reclaim_at)\n    redis.call('ZADD', KEYS[1], reclaim_at, id)\n    out[#out + 1] = {id, 'reclaimed'", "    make_idle(key, id, KEYS[2], KEYS[1])\n    out[#out + 1] = {id, 'reclaimed'"),
+ ("M16 reclaim skips callbacks", "lua/sweep.lua", "    redis.call('HSET', key, 'reclaim_at_ms', reclaim_at)\n    new_deadlines[#new_deadlines + 1] = reclaim_at\n    new_deadlines[#new_deadlines + 1] = id\n    out[#out + 1] = {id, 'reclaimed'", "    make_idle(key, id, KEYS[2], KEYS[1])\n    out[#out + 1] = {id, 'reclaimed'"),
  ("M17 claim ignores quarantine", "lua/claim.lua", "if now < quarantine then", "if false then"),
  ("M18 epoch change unnoticed", "lua/epoch.lua", "elseif seen ~= '' and current ~= seen then", "elseif false then"),
- ("M19 lease counter not time-based", "lua/claim.lua", "  redis.call('SET', lease_key, now * 100)\n", ""),
+ ("M19 lease counter not time-based", "lua/claim.lua", "  lease = now * 100\n", "  lease = 0\n"),
  ("M11 strict numbers off", "lua/common.lua", "not string.match(v, '^%d+$')", "false"),
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

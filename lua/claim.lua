@@ -48,28 +48,43 @@ if last_lease and strict_int(last_lease) + n > MAX_INT then
   -- The next lease would not be readable back: refuse before writing anything.
   corrupt(lease_key, 'is exhausted (' .. last_lease .. ')')
 end
+-- Only an idle slot is claimed, so its state field is all a claim reads of an idle
+-- slot; any other slot (rare: the caller saw it idle) is read and checked whole.
 for i = 1, n do
-  claims[i].s, claims[i].why = read_slot(claims[i].slot_key)
+  local c = claims[i]
+  local state = redis.pcall('HGET', c.slot_key, 'state')
+  if state == 'idle' then
+    c.state = state
+  else
+    local s, why = read_slot(c.slot_key)
+    c.state, c.why = s and s.state, why
+  end
 end
 
 local now = now_ms()
 local out = {now}
-local taken = {}
+local taken, held = {}, {}
+-- Writes to the shared keys are gathered and sent once at the end.
+local lease = strict_int(last_lease or '0')
+if not last_lease then
+  lease = now * 100
+end
+local first_lease = lease
+local not_idle, new_tasks, new_deadlines, reused = {}, {}, {}, {}
 for i = 1, n do
   local c = claims[i]
-  local s = c.s
   local status
   if now < quarantine then
     status = 'QUARANTINE'
-  elseif s == nil then
+  elseif c.why then
     status = 'CORRUPT ' .. c.why
-  elseif s.state ~= 'idle' then
+  elseif c.state ~= 'idle' then
     -- A busy slot is never in the idle set; if a hand edit left it there, repair that.
-    redis.call('SREM', idle_key, c.slot_id)
+    not_idle[#not_idle + 1] = c.slot_id
     status = 'SLOT_BUSY'
   elseif taken[c.slot_key] then
     status = 'SLOT_BUSY'
-  elseif redis.call('HEXISTS', tasks_key, c.task_id) == 1 then
+  elseif held[c.task_id] or redis.call('HEXISTS', tasks_key, c.task_id) == 1 then
     status = 'TASK_BUSY'
   else
     local ended_at = redis.call('ZSCORE', ended_key, c.task_id)
@@ -81,22 +96,30 @@ for i = 1, n do
     out[#out + 1] = status
     out[#out + 1] = 0
   else
-    if not last_lease then
-      redis.call('SET', lease_key, now * 100)
-      last_lease = true
-    end
-    local lease = redis.call('INCR', lease_key)
+    lease = lease + 1
     local deadline = now + c.timeout
     redis.call('HSET', c.slot_key, 'state', 'busy', 'task_id', c.task_id, 'backend', c.backend,
       'lease', lease, 'started_at_ms', now, 'last_keepalive_at_ms', now,
       'deadline_ms', deadline, 'timeout_ms', c.timeout)
-    redis.call('HSET', tasks_key, c.task_id, c.slot_id)
-    redis.call('ZADD', deadlines_key, deadline, c.slot_id)
-    redis.call('SREM', idle_key, c.slot_id)
-    redis.call('ZREM', ended_key, c.task_id)
     taken[c.slot_key] = true
+    held[c.task_id] = true
+    new_tasks[#new_tasks + 1] = c.task_id
+    new_tasks[#new_tasks + 1] = c.slot_id
+    new_deadlines[#new_deadlines + 1] = deadline
+    new_deadlines[#new_deadlines + 1] = c.slot_id
+    not_idle[#not_idle + 1] = c.slot_id
+    reused[#reused + 1] = c.task_id
     out[#out + 1] = 'OK'
     out[#out + 1] = lease
   end
+end
+if lease ~= first_lease then
+  redis.call('SET', lease_key, lease)
+  redis.call('HSET', tasks_key, unpack(new_tasks))
+  redis.call('ZADD', deadlines_key, unpack(new_deadlines))
+  redis.call('ZREM', ended_key, unpack(reused))
+end
+if #not_idle > 0 then
+  redis.call('SREM', idle_key, unpack(not_idle))
 end
 return out

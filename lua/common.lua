@@ -35,23 +35,27 @@ end
 
 local TIME_FIELDS = {'lease', 'started_at_ms', 'last_keepalive_at_ms', 'deadline_ms', 'timeout_ms'}
 
--- Reads and validates a slot hash. Returns the slot as a table (numbers parsed),
--- or nil and the reason it is unreadable. Never writes.
+local SLOT_FIELDS = {'state', 'task_id', 'backend', 'lease', 'started_at_ms', 'last_keepalive_at_ms',
+  'deadline_ms', 'timeout_ms', 'stopping_reason', 'reclaim_at_ms'}
+
+-- Reads and validates a slot hash (one HMGET). Returns the slot as a table (numbers
+-- parsed), or nil and the reason it is unreadable. Never writes.
 local function read_slot(key)
-  local t = redis.call('TYPE', key)['ok']
-  if t == 'none' then
-    return nil, 'is missing (slot not registered)'
+  local flat = redis.pcall('HMGET', key, unpack(SLOT_FIELDS))
+  if flat.err then
+    return nil, 'is a ' .. redis.call('TYPE', key)['ok'] .. ', expected a hash'
   end
-  if t ~= 'hash' then
-    return nil, 'is a ' .. t .. ', expected a hash'
-  end
-  local flat = redis.call('HGETALL', key)
   local s = {}
-  for i = 1, #flat, 2 do
-    s[flat[i]] = flat[i + 1]
+  for i, f in ipairs(SLOT_FIELDS) do
+    if flat[i] then
+      s[f] = flat[i]
+    end
   end
   if s.state == 'idle' then
     return s
+  end
+  if s.state == nil and redis.call('EXISTS', key) == 0 then
+    return nil, 'is missing (slot not registered)'
   end
   if s.state ~= 'busy' and s.state ~= 'stopping' then
     return nil, 'has state ' .. string.format('%q', tostring(s.state)) .. ', expected idle, busy or stopping'
@@ -80,10 +84,15 @@ end
 local HOLDER_FIELDS = {'task_id', 'backend', 'lease', 'started_at_ms', 'last_keepalive_at_ms',
   'deadline_ms', 'stopping_reason', 'stopped_at_ms', 'reclaim_at_ms'}
 
--- Makes a slot idle: clears the holder, queues it in the idle set, drops its deadline.
-local function make_idle(slot_key, slot_id, idle_key, deadlines_key)
+-- Clears a slot's holder and marks it idle (the caller updates idle and deadlines).
+local function clear_holder(slot_key)
   redis.call('HDEL', slot_key, unpack(HOLDER_FIELDS))
   redis.call('HSET', slot_key, 'state', 'idle')
+end
+
+-- Makes a slot idle: clears the holder, queues it in the idle set, drops its deadline.
+local function make_idle(slot_key, slot_id, idle_key, deadlines_key)
+  clear_holder(slot_key)
   redis.call('SADD', idle_key, slot_id)
   redis.call('ZREM', deadlines_key, slot_id)
 end

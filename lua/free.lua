@@ -10,14 +10,19 @@ local slots = {}
 for i = 1, n do
   slots[i] = read_slot(KEYS[2 + i])
 end
-local out = {}
+local out, freed = {}, {}
 for i = 1, n do
   local s = slots[i]
   if s and s.state == 'stopping' and s.lease == strict_int(ARGV[2 * i]) then
-    make_idle(KEYS[2 + i], ARGV[2 * i - 1], KEYS[2], KEYS[1])
+    clear_holder(KEYS[2 + i])
+    freed[#freed + 1] = ARGV[2 * i - 1]
     out[i] = 1
   else
     out[i] = 0
   end
+end
+if #freed > 0 then
+  redis.call('SADD', KEYS[2], unpack(freed))
+  redis.call('ZREM', KEYS[1], unpack(freed))
 end
 return out

@@ -21,6 +21,8 @@ for i = 1, n do
   slots[i], reasons[i] = read_slot(KEYS[4 + i])
 end
 
+-- Writes to the shared keys are gathered and sent once at the end.
+local stale_deadlines, new_deadlines, ended, expired_tasks, expired_slots = {}, {}, {}, {}, {}
 local out = {now}
 for i = 1, n do
   local key, id, s = KEYS[4 + i], ARGV[i], slots[i]
@@ -28,22 +30,44 @@ for i = 1, n do
     out[#out + 1] = {id, 'corrupt', reasons[i]}
   elseif s.state == 'idle' then
     -- A stale deadline of an idle slot (a hand edit, or a lost reply): drop it.
-    redis.call('ZREM', KEYS[1], id)
+    stale_deadlines[#stale_deadlines + 1] = id
   elseif s.state == 'busy' and s.deadline_ms <= now then
     local reclaim_at = now + s.timeout_ms
     redis.call('HSET', key, 'state', 'stopping', 'stopping_reason', 'timeout',
       'stopped_at_ms', now, 'reclaim_at_ms', reclaim_at)
-    redis.call('ZADD', KEYS[1], reclaim_at, id)
-    if redis.call('HGET', KEYS[3], s.task_id) == id then
-      redis.call('HDEL', KEYS[3], s.task_id)
-    end
-    redis.call('ZADD', KEYS[4], now, s.task_id)
+    new_deadlines[#new_deadlines + 1] = reclaim_at
+    new_deadlines[#new_deadlines + 1] = id
+    expired_tasks[#expired_tasks + 1] = s.task_id
+    expired_slots[#expired_slots + 1] = id
+    ended[#ended + 1] = now
+    ended[#ended + 1] = s.task_id
     out[#out + 1] = {id, 'timed_out', s.task_id, s.backend, s.lease, s.deadline_ms}
   elseif s.state == 'stopping' and s.reclaim_at_ms <= now then
     local reclaim_at = now + s.timeout_ms
     redis.call('HSET', key, 'reclaim_at_ms', reclaim_at)
-    redis.call('ZADD', KEYS[1], reclaim_at, id)
+    new_deadlines[#new_deadlines + 1] = reclaim_at
+    new_deadlines[#new_deadlines + 1] = id
     out[#out + 1] = {id, 'reclaimed', s.task_id, s.backend, s.lease, s.stopping_reason or ''}
   end
+end
+if #stale_deadlines > 0 then
+  redis.call('ZREM', KEYS[1], unpack(stale_deadlines))
+end
+if #new_deadlines > 0 then
+  redis.call('ZADD', KEYS[1], unpack(new_deadlines))
+end
+if #expired_tasks > 0 then
+  -- The index entry goes only where it still names this slot.
+  local owners = redis.call('HMGET', KEYS[3], unpack(expired_tasks))
+  local gone = {}
+  for j, task in ipairs(expired_tasks) do
+    if owners[j] == expired_slots[j] then
+      gone[#gone + 1] = task
+    end
+  end
+  if #gone > 0 then
+    redis.call('HDEL', KEYS[3], unpack(gone))
+  end
+  redis.call('ZADD', KEYS[4], unpack(ended))
 end
 return out

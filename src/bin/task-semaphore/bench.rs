@@ -171,15 +171,23 @@ impl Server {
 
     /// EVALSHA calls the server has counted so far (`INFO commandstats`).
     async fn evalsha_calls(&self) -> Result<u64, String> {
+        Ok(self.evalsha_stats().await?.0)
+    }
+
+    /// EVALSHA calls so far and the microseconds Redis spent running them.
+    async fn evalsha_stats(&self) -> Result<(u64, u64), String> {
         let info = self.info("commandstats").await?;
         let Some(stats) = info_field(&info, "cmdstat_evalsha") else {
-            return Ok(0); // none yet
+            return Ok((0, 0)); // none yet
         };
-        stats
-            .split(',')
-            .find_map(|kv| kv.strip_prefix("calls="))
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("cannot read cmdstat_evalsha:{stats}"))
+        let field = |name: &str| {
+            stats
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(name))
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("cannot read cmdstat_evalsha:{stats}"))
+        };
+        Ok((field("calls=")?, field("usec=")?))
     }
 
     /// Redis server time, in ms since the Unix epoch.
@@ -205,6 +213,28 @@ impl Server {
     }
 
     /// Deletes every key matching `pattern` with `command` (DEL or UNLINK); returns how many.
+    async fn reset_slowlog(&self) -> Result<(), String> {
+        if self.own.is_some() {
+            self.query::<()>("resetting the slowlog", redis::cmd("SLOWLOG").arg("RESET"))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The slowest EVALSHA in the slowlog since the last reset (own server only).
+    async fn slowest_evalsha_ms(&self) -> Result<Option<f64>, String> {
+        if self.own.is_none() {
+            return Ok(None);
+        }
+        let us: u64 = self
+            .query(
+                "reading the slowlog",
+                redis::cmd("EVAL").arg(SLOWEST_EVALSHA_LUA).arg(0),
+            )
+            .await?;
+        Ok(Some(us as f64 / 1000.0))
+    }
+
     async fn delete_keys(&self, pattern: &str, command: &str) -> Result<usize, String> {
         let mut cursor: u64 = 0;
         let mut deleted = 0;
@@ -267,6 +297,8 @@ struct Endless {
     name: String,
     next: AtomicU64,
     started: Arc<Mutex<String>>,
+    /// Whether `poll_many` is provided.
+    batch: bool,
 }
 
 impl Endless {
@@ -277,8 +309,17 @@ impl Endless {
             name,
             next: AtomicU64::new(0),
             started: started.clone(),
+            batch: false,
         };
         (backend, started)
+    }
+
+    /// A backend named `name` that provides `poll_many`.
+    fn batching(name: String) -> Self {
+        Endless {
+            batch: true,
+            ..Endless::new(name).0
+        }
     }
 }
 
@@ -292,6 +333,19 @@ impl Backend for Endless {
     async fn poll(&self) -> Result<Option<String>, BoxError> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         Ok(Some(format!("{}-{n}", self.name)))
+    }
+
+    /// `n` new ids, when batching.
+    async fn poll_many(&self, n: usize) -> Result<Option<Vec<String>>, BoxError> {
+        if !self.batch {
+            return Ok(None);
+        }
+        let first = self.next.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(Some(
+            (first..first + n as u64)
+                .map(|i| format!("{}-{i}", self.name))
+                .collect(),
+        ))
     }
 
     /// Remembers the id as the one running.
@@ -468,7 +522,8 @@ impl Targets {
             .key(fleet.key(&format!("slot:{slot_id}")))
             .key(fleet.key("deadlines"))
             .arg(&task)
-            .arg(&slot_id);
+            .arg(&slot_id)
+            .arg("");
         let mut conn = self.conn.clone();
         let reply: Value = call
             .invoke_async(&mut conn)
@@ -522,23 +577,28 @@ impl Targets {
         let new_task = format!("raw-{}", self.next_raw.fetch_add(1, Ordering::Relaxed));
         let mut claim = self.claim_lua.prepare_invoke();
         claim
-            .key(&slot_key)
             .key(fleet.key("tasks"))
             .key(fleet.key("deadlines"))
             .key(fleet.key("idle"))
             .key(fleet.key("ended"))
             .key(fleet.key("lease"))
+            .key(fleet.key("epoch"))
+            .key(&slot_key)
+            .arg(STALE_AFTER_MS)
             .arg(&slot_id)
             .arg(&new_task)
             .arg(&backend)
             .arg(FLEET_TIMEOUT.as_millis() as u64)
-            .arg(&now_ms)
-            .arg(STALE_AFTER_MS);
+            .arg(&now_ms);
         let claimed: Value = claim
             .invoke_async(&mut conn)
             .await
             .map_err(|e| format!("raw claim: {e}"))?;
-        ok_reply(&claimed, "raw claim")?;
+        // {now, status, lease}
+        match &claimed {
+            Value::Array(items) if items.get(1).and_then(text).as_deref() == Some("OK") => {}
+            other => return Err(format!("raw claim replied {other:?}")),
+        }
         *lock(&fleet.current[i]) = new_task;
         Ok(())
     }
@@ -692,6 +752,16 @@ struct SizeRun {
     bytes_per_slot: f64,
     /// Redis memory after the fill minus before it, per slot.
     fill_bytes_per_slot: f64,
+    /// The fill of N idle slots with `poll_many`.
+    batch_fill_ms: f64,
+    batch_fill_evalsha: f64,
+    /// Slowest EVALSHA during the batched fill, when the server is our own.
+    batch_fill_slowest_ms: Option<f64>,
+    /// Time Redis spent in the batched fill's scripts.
+    batch_fill_redis_ms: f64,
+    /// Time Redis spent in the sweep's scripts.
+    sweep_redis_ms: f64,
+    /// The sweep of N expired slots, refilled with `poll_many`.
     sweep_ms: f64,
     sweep_evalsha: f64,
     /// Slowest EVALSHA during the sweep tick, when the server is our own.
@@ -735,13 +805,6 @@ async fn size_run(server: &Server, n: usize, timeout: Duration) -> Result<Option
     }
     let after_fill = server.used_memory().await?;
     // Every deadline is a claim's Redis time plus the timeout.
-    let last_claim_ms = fill
-        .started
-        .iter()
-        .filter_map(|task| task.at.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as u64)
-        .max()
-        .unwrap_or(0);
     drop(fill); // so that the bench's peak RSS is mostly the scheduler's
 
     let calls = server.evalsha_calls().await?;
@@ -757,35 +820,58 @@ async fn size_run(server: &Server, n: usize, timeout: Duration) -> Result<Option
     }
     let tick_evalsha = server.evalsha_calls().await?.saturating_sub(calls) as f64 / ticks.len() as f64;
 
+    server.delete_keys(&scheduler.key_pattern(), "DEL").await?;
+    drop(scheduler);
+
+    // The same N slots fed by a backend with poll_many: batched fill, then the sweep
+    // of all of them once expired, refilled in batches too.
+    let mut builder = Scheduler::builder(fresh_name())
+        .redis_url(&server.url)
+        .backend(Endless::batching("Feed".to_owned()));
+    let batch_timeout = Duration::from_secs(2) + Duration::from_micros(30 * n as u64);
+    for i in 1..=n {
+        builder = builder.slot(SlotConfig::new(i.to_string(), ["Feed"]).timeout(batch_timeout));
+    }
+    let scheduler = builder.build().await.map_err(fail)?;
+    server.reset_slowlog().await?;
+    let (calls, usec) = server.evalsha_stats().await?;
+    let t = Instant::now();
+    let fill = scheduler.schedule().await.map_err(fail)?;
+    let batch_fill_ms = ms(t.elapsed());
+    let (calls_after, usec_after) = server.evalsha_stats().await?;
+    let batch_fill_evalsha = calls_after.saturating_sub(calls);
+    let batch_fill_redis_ms = usec_after.saturating_sub(usec) as f64 / 1000.0;
+    let batch_fill_slowest_ms = server.slowest_evalsha_ms().await?;
+    if fill.started.len() != n {
+        return Err(format!(
+            "the batched fill of {n} slots started {} tasks",
+            fill.started.len()
+        ));
+    }
+    let last_claim_ms = fill
+        .started
+        .iter()
+        .filter_map(|task| task.at.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+        .max()
+        .unwrap_or(0);
+    drop(fill);
     server
         .wait_until(
-            last_claim_ms + timeout.as_millis() as u64,
-            timeout + Duration::from_secs(60),
+            last_claim_ms + batch_timeout.as_millis() as u64,
+            batch_timeout + Duration::from_secs(60),
         )
         .await?;
 
-    if server.own.is_some() {
-        server
-            .query::<()>("resetting the slowlog", redis::cmd("SLOWLOG").arg("RESET"))
-            .await?;
-    }
-    let calls = server.evalsha_calls().await?;
+    server.reset_slowlog().await?;
+    let (calls, usec) = server.evalsha_stats().await?;
     let t = Instant::now();
     let sweep = scheduler.schedule().await.map_err(fail)?;
     let sweep_ms = ms(t.elapsed());
-    let sweep_evalsha = server.evalsha_calls().await?.saturating_sub(calls);
-    let slowest_ms = match server.own {
-        Some(_) => {
-            let us: u64 = server
-                .query(
-                    "reading the slowlog",
-                    redis::cmd("EVAL").arg(SLOWEST_EVALSHA_LUA).arg(0),
-                )
-                .await?;
-            Some(us as f64 / 1000.0)
-        }
-        None => None,
-    };
+    let (calls_after, usec_after) = server.evalsha_stats().await?;
+    let sweep_evalsha = calls_after.saturating_sub(calls);
+    let sweep_redis_ms = usec_after.saturating_sub(usec) as f64 / 1000.0;
+    let slowest_ms = server.slowest_evalsha_ms().await?;
     server.delete_keys(&scheduler.key_pattern(), "DEL").await?;
     Ok(Some(SizeRun {
         build_ms,
@@ -795,7 +881,12 @@ async fn size_run(server: &Server, n: usize, timeout: Duration) -> Result<Option
         tick_evalsha,
         bytes_per_slot: after_fill.saturating_sub(before_build) as f64 / n as f64,
         fill_bytes_per_slot: after_fill.saturating_sub(after_build) as f64 / n as f64,
+        batch_fill_ms,
+        batch_fill_evalsha: batch_fill_evalsha as f64,
+        batch_fill_slowest_ms,
+        batch_fill_redis_ms,
         sweep_ms,
+        sweep_redis_ms,
         sweep_evalsha: sweep_evalsha as f64,
         slowest_ms,
         swept: sweep.timed_out.len() as f64,
@@ -846,6 +937,7 @@ async fn sizes(server: &Server, s: &Settings) -> Result<Vec<SizeRow>, String> {
         }
         let med = |f: fn(&SizeRun) -> f64| median(runs.iter().map(f).collect());
         let slowest: Vec<f64> = runs.iter().filter_map(|r| r.slowest_ms).collect();
+        let fill_slowest: Vec<f64> = runs.iter().filter_map(|r| r.batch_fill_slowest_ms).collect();
         let median = SizeRun {
             build_ms: med(|r| r.build_ms),
             fill_ms: med(|r| r.fill_ms),
@@ -854,6 +946,11 @@ async fn sizes(server: &Server, s: &Settings) -> Result<Vec<SizeRow>, String> {
             tick_evalsha: med(|r| r.tick_evalsha),
             bytes_per_slot: med(|r| r.bytes_per_slot),
             fill_bytes_per_slot: med(|r| r.fill_bytes_per_slot),
+            batch_fill_ms: med(|r| r.batch_fill_ms),
+            batch_fill_evalsha: med(|r| r.batch_fill_evalsha),
+            batch_fill_slowest_ms: (!fill_slowest.is_empty()).then(|| median(fill_slowest)),
+            batch_fill_redis_ms: med(|r| r.batch_fill_redis_ms),
+            sweep_redis_ms: med(|r| r.sweep_redis_ms),
             sweep_ms: med(|r| r.sweep_ms),
             sweep_evalsha: med(|r| r.sweep_evalsha),
             slowest_ms: (!slowest.is_empty()).then(|| median(slowest)),
@@ -1024,7 +1121,7 @@ impl Report {
         if !self.sizes.is_empty() {
             let cells = |f: &dyn Fn(&SizeRow) -> String| self.sizes.iter().map(f).collect::<Vec<_>>();
             let cell = |f: &dyn Fn(&SizeRun) -> String| cells(&|size| f(&size.median));
-            let slowest = |r: &SizeRun| match r.slowest_ms {
+            let slowest = |v: Option<f64>| match v {
                 None => "n/a".to_owned(),
                 Some(v) if v < SLOWLOG_THRESHOLD_US as f64 / 1000.0 => {
                     format!("< {:.1}", SLOWLOG_THRESHOLD_US as f64 / 1000.0)
@@ -1039,7 +1136,7 @@ impl Report {
                     cell(&|r| format!("{:.1}", r.build_ms)),
                 ),
                 row(
-                    "fill N idle slots: one schedule(), ms",
+                    "fill N idle slots, poll slot by slot, ms",
                     cell(&|r| format!("{:.1}", r.fill_ms)),
                 ),
                 row(
@@ -1053,10 +1150,27 @@ impl Report {
                 ),
                 row("  EVALSHA", cell(&|r| format!("{:.2}", r.tick_evalsha))),
                 row(
-                    "sweep N expired + refill: one schedule(), ms",
+                    "fill N idle slots with poll_many, ms",
+                    cell(&|r| format!("{:.1}", r.batch_fill_ms)),
+                ),
+                row(
+                    "  of which inside Redis, ms",
+                    cell(&|r| format!("{:.1}", r.batch_fill_redis_ms)),
+                ),
+                row(
+                    "  slowest script call, ms",
+                    cell(&|r| slowest(r.batch_fill_slowest_ms)),
+                ),
+                row("  EVALSHA", cell(&|r| thousands(r.batch_fill_evalsha))),
+                row(
+                    "sweep N expired + refill (poll_many), ms",
                     cell(&|r| format!("{:.1}", r.sweep_ms)),
                 ),
-                row("  slowest script call, ms", cell(&slowest)),
+                row(
+                    "  of which inside Redis, ms",
+                    cell(&|r| format!("{:.1}", r.sweep_redis_ms)),
+                ),
+                row("  slowest script call, ms", cell(&|r| slowest(r.slowest_ms))),
                 row("  EVALSHA", cell(&|r| thousands(r.sweep_evalsha))),
                 row(
                     "  slots swept / refilled",
@@ -1113,6 +1227,9 @@ impl Report {
                     "build_ms": r.build_ms,
                     "fill_ms": r.fill_ms, "fill_evalsha": r.fill_evalsha,
                     "steady_tick_ms": r.tick_ms, "steady_tick_evalsha": r.tick_evalsha,
+                    "fill_poll_many_ms": r.batch_fill_ms, "fill_poll_many_evalsha": r.batch_fill_evalsha,
+                    "fill_poll_many_slowest_script_ms": r.batch_fill_slowest_ms,
+                    "fill_poll_many_redis_ms": r.batch_fill_redis_ms, "sweep_redis_ms": r.sweep_redis_ms,
                     "sweep_ms": r.sweep_ms, "sweep_evalsha": r.sweep_evalsha,
                     "sweep_slowest_script_ms": r.slowest_ms, "swept": r.swept, "refilled": r.refilled,
                     "redis_bytes_per_busy_slot": r.bytes_per_slot,
