@@ -537,13 +537,14 @@ impl Scheduler {
     }
 
     /// Which slot holds the task: the local hint, else the index in Redis.
-    async fn locate(&self, task_id: &str) -> Result<String> {
+    /// Returns the slot id, and whether it came from the local hint.
+    async fn locate(&self, task_id: &str) -> Result<(String, bool)> {
         let hint = {
             let located = self.inner.located.lock().unwrap_or_else(|p| p.into_inner());
             located.get(task_id).cloned()
         };
         if let Some(slot_id) = hint {
-            return Ok(slot_id);
+            return Ok((slot_id, true));
         }
         let keys = &self.inner.keys;
         let found: Option<String> = self
@@ -563,7 +564,9 @@ impl Scheduler {
                 }
                 other => other,
             })?;
-        found.ok_or_else(|| Error::WrongTaskId(task_id.to_owned()))
+        found
+            .map(|slot_id| (slot_id, false))
+            .ok_or_else(|| Error::WrongTaskId(task_id.to_owned()))
     }
 
     /// Asks the backend what to do after `error` in `callback`; true frees the slot.
@@ -1079,13 +1082,15 @@ impl Scheduler {
         check_task_id(task_id)?;
         let inner = &self.inner;
         for _ in 0..3 {
-            let slot_id = match self.locate(task_id).await {
+            let (slot_id, hinted) = match self.locate(task_id).await {
                 Err(Error::WrongTaskId(_)) => return Err(not_held(task_id, lease, None)),
                 other => other?,
             };
             match scripts::keepalive(&inner.redis, &inner.keys, task_id, &slot_id, lease).await? {
                 Held::Ok(kept) => {
-                    self.remember(task_id, &slot_id);
+                    if !hinted {
+                        self.remember(task_id, &slot_id);
+                    }
                     self.saw_lease(kept.lease);
                     let Some(backend) = self.backend(&kept.backend) else {
                         tracing::warn!(
@@ -1194,7 +1199,7 @@ impl Scheduler {
 
     async fn stop_hold(&self, task_id: &str, lease: Option<u64>) -> Result<()> {
         check_task_id(task_id)?;
-        let slot_id = match self.locate(task_id).await {
+        let (slot_id, _) = match self.locate(task_id).await {
             Err(Error::WrongTaskId(_)) => return Err(not_held(task_id, lease, None)),
             other => other?,
         };
