@@ -29,6 +29,8 @@ pub struct Params {
 
 #[derive(Debug, Clone)]
 pub struct Violation {
+    /// Which rule, for the summary.
+    pub kind: &'static str,
     pub what: String,
     pub lines: Vec<String>,
 }
@@ -63,17 +65,37 @@ pub struct Report {
 }
 
 impl Report {
-    /// Violations with their lines, at most `limit` of them.
+    /// A count per rule, then examples of each rule in turn (at most `limit`) with
+    /// their lines.
     pub fn render(&self, limit: usize) -> String {
         let mut out = String::new();
-        for v in self.violations.iter().take(limit) {
-            let _ = writeln!(out, "VIOLATION: {}", v.what);
-            for l in v.lines.iter().take(8) {
-                let _ = writeln!(out, "    {l}");
+        let mut kinds: BTreeMap<&str, Vec<&Violation>> = BTreeMap::new();
+        for v in &self.violations {
+            kinds.entry(v.kind).or_default().push(v);
+        }
+        for (kind, vs) in &kinds {
+            let _ = writeln!(out, "{:6} x {kind}", vs.len());
+        }
+        let mut shown = 0;
+        for round in 0.. {
+            let mut any = false;
+            for vs in kinds.values() {
+                let Some(v) = vs.get(round) else { continue };
+                any = true;
+                if shown < limit {
+                    shown += 1;
+                    let _ = writeln!(out, "VIOLATION [{}]: {}", v.kind, v.what);
+                    for l in v.lines.iter().take(8) {
+                        let _ = writeln!(out, "    {l}");
+                    }
+                }
+            }
+            if !any || shown >= limit {
+                break;
             }
         }
-        if self.violations.len() > limit {
-            let _ = writeln!(out, "... and {} more", self.violations.len() - limit);
+        if self.violations.len() > shown {
+            let _ = writeln!(out, "... and {} more", self.violations.len() - shown);
         }
         let _ = writeln!(out, "{} invariant violation(s)", self.violations.len());
         out
@@ -165,6 +187,7 @@ pub fn check(p: &Params, lines: &[Line], torn: &[String]) -> Report {
     if torn.len() > kills {
         // A SIGKILL may cut one write of the process it kills; nothing else may.
         c.violation(
+            "torn lines",
             format!(
                 "{} torn line(s) in the history ({kills} replica kill(s))",
                 torn.len()
@@ -184,8 +207,8 @@ impl<'a> Checker<'a> {
         format!("#{idx} {}", self.line(idx).raw)
     }
 
-    fn violation(&mut self, what: String, lines: Vec<String>) {
-        self.out.violations.push(Violation { what, lines });
+    fn violation(&mut self, kind: &'static str, what: String, lines: Vec<String>) {
+        self.out.violations.push(Violation { kind, what, lines });
     }
 
     fn hold_lines(&self, h: usize) -> Vec<String> {
@@ -228,6 +251,7 @@ impl<'a> Checker<'a> {
                 lines.push(self.raw(evidence));
                 let task = self.holds[h].task.clone();
                 self.violation(
+                    "one start, two leases",
                     format!("task {task}: one start seen with leases {old} and {lease}"),
                     lines,
                 );
@@ -244,7 +268,11 @@ impl<'a> Checker<'a> {
                 let mut lines = self.hold_lines(other);
                 lines.extend(self.hold_lines(h));
                 lines.push(self.raw(evidence));
-                self.violation(format!("lease {lease} was started twice"), lines);
+                self.violation(
+                    "lease started twice",
+                    format!("lease {lease} was started twice"),
+                    lines,
+                );
             }
         } else {
             self.by_lease.insert(lease, h);
@@ -300,6 +328,7 @@ impl<'a> Checker<'a> {
                     self.set_lease(h, lease, l.idx);
                 }
                 None => self.violation(
+                    "start report without start_callback",
                     format!("task {} reported started without a start_callback", l.task()),
                     vec![self.raw(l.idx)],
                 ),
@@ -373,6 +402,7 @@ impl<'a> Checker<'a> {
             let Some(lease) = l.lease() else { continue };
             if let Some(first) = seen.insert((ev, lease), l.idx) {
                 self.violation(
+                    "sweep/reclaim reported twice",
                     format!("lease {lease} {ev} twice"),
                     vec![self.raw(first), self.raw(l.idx)],
                 );
@@ -381,7 +411,11 @@ impl<'a> Checker<'a> {
                 if self.holds[h].task != l.task() {
                     let mut lines = self.hold_lines(h);
                     lines.push(self.raw(l.idx));
-                    self.violation(format!("lease {lease} reported for two tasks"), lines);
+                    self.violation(
+                        "lease of two tasks",
+                        format!("lease {lease} reported for two tasks"),
+                        lines,
+                    );
                 }
                 if self.holds[h].slot.is_none() {
                     self.holds[h].slot = l.str("slot").map(str::to_owned);
@@ -429,6 +463,7 @@ impl<'a> Checker<'a> {
                     for l in self.lines.iter().filter(|l| l.idx > f.idx) {
                         if l.ev() == "start" && l.str("slot") == Some(slot.as_str()) {
                             self.violation(
+                                "corrupt slot handed out",
                                 format!("slot {slot} handed out after it was corrupted"),
                                 vec![self.raw(f.idx), self.raw(l.idx)],
                             );
@@ -444,6 +479,7 @@ impl<'a> Checker<'a> {
                     self.out.stats.corrupt_reports += n;
                     if n == 0 {
                         self.violation(
+                            "corrupt slot not reported",
                             format!("corrupt slot {slot} was never reported by a tick"),
                             vec![self.raw(f.idx)],
                         );
@@ -470,30 +506,35 @@ impl<'a> Checker<'a> {
             let enders: BTreeSet<u64> = hold.ends.iter().map(|e| e.pid).collect();
             if stops > 1 {
                 self.violation(
+                    "stop_callback twice",
                     format!("task {task}: stop_callback {stops} times for one start (replicas {enders:?})"),
                     self.hold_lines(h),
                 );
             }
             if timeouts > 1 {
                 self.violation(
+                    "timeout_callback twice",
                     format!("task {task}: timeout_callback {timeouts} times for one start"),
                     self.hold_lines(h),
                 );
             }
             if late_timeout {
                 self.violation(
+                    "timeout_callback after stop_callback",
                     format!("task {task}: timeout_callback after stop_callback"),
                     self.hold_lines(h),
                 );
             }
             if never {
                 self.violation(
+                    "hold never ended",
                     format!("task {task}: started, never ended (no stop/timeout callback, no reclaim)"),
                     self.hold_lines(h),
                 );
             }
             if not_taken {
                 self.violation(
+                    "start of a task not in the backlog",
                     format!("task {task}: start_callback for a task no longer in the backlog"),
                     self.hold_lines(h),
                 );
@@ -520,7 +561,15 @@ impl<'a> Checker<'a> {
                 };
                 let mut lines = self.hold_lines(a);
                 lines.extend(self.hold_lines(b));
-                self.violation(what, lines);
+                self.violation(
+                    if concurrent {
+                        "task started twice at once"
+                    } else {
+                        "task restarted after it finished"
+                    },
+                    what,
+                    lines,
+                );
             }
         }
     }
@@ -556,6 +605,7 @@ impl<'a> Checker<'a> {
                 lines.push(self.raw(s));
                 lines.push(self.raw(l.idx));
                 self.violation(
+                    "call after its hold ended accepted",
                     format!(
                         "{call} of task {} sent after its hold ended was accepted",
                         l.task()
@@ -575,6 +625,7 @@ impl<'a> Checker<'a> {
                     lines.push(self.raw(s));
                     lines.push(self.raw(l.idx));
                     self.violation(
+                        "stop ok without stop_callback",
                         format!("stop of task {} succeeded without its stop_callback", l.task()),
                         lines,
                     );
@@ -620,6 +671,7 @@ impl<'a> Checker<'a> {
                 status_of.insert(slot.clone(), status.clone());
                 if status == "corrupt" && !corrupted.iter().any(|(i, c)| *i < begin && *c == slot) {
                     self.violation(
+                        "slot corrupt without a hand edit",
                         format!("slot {slot} is corrupt without a hand edit"),
                         vec![self.raw(l.idx)],
                     );
@@ -632,6 +684,7 @@ impl<'a> Checker<'a> {
                     held.insert(task.to_owned(), (slot.clone(), status.clone(), lease))
                 {
                     self.violation(
+                        "Redis: task in two slots",
                         format!("Redis shows task {task} in two slots ({other} and {slot})"),
                         vec![self.raw(l.idx)],
                     );
@@ -644,6 +697,7 @@ impl<'a> Checker<'a> {
                     let mut lines = self.hold_lines(h);
                     lines.push(self.raw(l.idx));
                     self.violation(
+                        "Redis: lease of another task",
                         format!("Redis shows lease {lease} for task {task}, the log another task"),
                         lines,
                     );
@@ -653,6 +707,7 @@ impl<'a> Checker<'a> {
                         let mut lines = self.hold_lines(h);
                         lines.push(self.raw(l.idx));
                         self.violation(
+                            "Redis: lease in another slot",
                             format!("Redis shows lease {lease} in slot {slot}, the log in {known}"),
                             lines,
                         );
@@ -665,6 +720,7 @@ impl<'a> Checker<'a> {
                     lines.push(self.raw(begin));
                     lines.push(self.raw(l.idx));
                     self.violation(
+                        "Redis: busy after its hold ended",
                         format!("Redis says slot {slot} is busy with lease {lease}, whose hold had ended"),
                         lines,
                     );
@@ -695,6 +751,7 @@ impl<'a> Checker<'a> {
                     lines.push(self.raw(begin));
                     lines.push(self.raw(l.idx));
                     self.violation(
+                        "held in the log, free in Redis",
                         format!("the log holds task {task} through an inspection; Redis shows {found:?}"),
                         lines,
                     );
@@ -742,7 +799,11 @@ impl<'a> Checker<'a> {
                     if live.contains(&other) {
                         let mut lines = self.hold_lines(other);
                         lines.extend(self.hold_lines(h));
-                        self.violation(format!("slot {slot} held by two leases at once"), lines);
+                        self.violation(
+                            "slot held by two leases",
+                            format!("slot {slot} held by two leases at once"),
+                            lines,
+                        );
                     }
                 }
             }
@@ -751,6 +812,7 @@ impl<'a> Checker<'a> {
                 let mut lines = vec![self.raw(idx)];
                 lines.extend(live.iter().map(|&h| self.raw(self.holds[h].open)));
                 self.violation(
+                    "more than N live holds",
                     format!("{} live holds at once with {} slots", live.len(), self.p.slots),
                     lines,
                 );
@@ -791,6 +853,7 @@ impl<'a> Checker<'a> {
                     lines.push(self.raw(k.idx));
                     lines.push(self.raw(bound));
                     self.violation(
+                        "leak after a kill",
                         format!(
                             "task {task} of killed replica {target} still held {} ms after the kill",
                             self.p.timeout_ms + self.p.margin_ms
@@ -822,7 +885,7 @@ impl<'a> Checker<'a> {
                 if ended.is_none_or(|e| e.idx > bound) {
                     let mut lines = vec![self.raw(p.idx), self.raw(k.idx), self.raw(bound)];
                     lines.extend(ended.map(|e| self.raw(e.idx)));
-                    self.violation(
+                    self.violation("claim leak after a kill", 
                         format!(
                             "claim of task {} by killed replica {target} (start never ran) not timed out in time",
                             p.task()
@@ -837,7 +900,11 @@ impl<'a> Checker<'a> {
     /// After the drain: every hold ended and every slot idle, but hand-corrupted ones.
     fn final_state(&mut self) {
         let Some(fin) = self.lines.iter().rev().find(|l| l.ev() == "final") else {
-            self.violation("the run has no final inspection".into(), vec![]);
+            self.violation(
+                "no final inspection",
+                "the run has no final inspection".into(),
+                vec![],
+            );
             return;
         };
         let corrupted: BTreeSet<&str> = self
@@ -866,6 +933,7 @@ impl<'a> Checker<'a> {
             };
             if status != want {
                 self.violation(
+                    "final slot not idle",
                     format!("at the end slot {slot} is {status}, expected {want}"),
                     vec![self.raw(fin.idx)],
                 );
@@ -873,6 +941,7 @@ impl<'a> Checker<'a> {
         }
         if statuses.len() != self.p.slots {
             self.violation(
+                "final slot count",
                 format!(
                     "the final inspection shows {} slots, expected {}",
                     statuses.len(),
