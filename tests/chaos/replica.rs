@@ -379,8 +379,14 @@ async fn run_task(
         if left.is_zero() {
             break;
         }
-        tokio::time::sleep(left.min(every)).await;
-        if began.elapsed() >= keepalive_for {
+        let nap = left.min(every);
+        let napped = tokio::time::Instant::now();
+        tokio::time::sleep(nap).await;
+        // A task that slept far longer than it meant to (its process was frozen)
+        // checks that it still holds its slot before it goes on, even if its work
+        // is done: the fencing pattern.
+        let overslept = napped.elapsed() > nap + every;
+        if began.elapsed() >= keepalive_for && !overslept {
             break;
         }
         if refused(send_keepalive(&s, &h, &task, lease).await) {
