@@ -295,7 +295,7 @@ impl<'a> Checker<'a> {
                         pid: l.pid(),
                         open: l.idx,
                         lease: None,
-                        slot: None,
+                        slot: l.str("slot").map(str::to_owned),
                         taken: l.v.get("taken").and_then(Value::as_bool).unwrap_or(true),
                         ends: Vec::new(),
                         reclaimed: None,
@@ -448,17 +448,15 @@ impl<'a> Checker<'a> {
                 Some("kill") => self.out.stats.kills += 1,
                 Some("corrupt") => {
                     let slot = f.str("slot").unwrap_or_default().to_owned();
-                    if let Some(lease) = f.lease() {
-                        if let Some(&h) = self.by_lease.get(&lease) {
-                            self.holds[h].exempt = true;
-                        }
-                    }
-                    if let Some(task) = f.str("task") {
-                        if let Some(hs) = self.by_task.get(task) {
-                            if let Some(&h) = hs.iter().filter(|&&h| self.holds[h].open < f.idx).max() {
-                                self.holds[h].exempt = true;
-                            }
-                        }
+                    // The hold in the slot when it was edited.
+                    let by_lease = f.lease().and_then(|lease| self.by_lease.get(&lease).copied());
+                    let by_task = f.str("task").and_then(|task| {
+                        let hs = self.by_task.get(task)?;
+                        hs.iter().copied().filter(|&h| self.holds[h].open < f.idx).max()
+                    });
+                    if let Some(h) = by_lease.or(by_task) {
+                        self.holds[h].exempt = true;
+                        self.holds[h].slot = Some(slot.clone());
                     }
                     for l in self.lines.iter().filter(|l| l.idx > f.idx) {
                         if l.ev() == "start" && l.str("slot") == Some(slot.as_str()) {

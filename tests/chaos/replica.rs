@@ -199,25 +199,26 @@ impl Chaos {
         self.backlog.query(cmd).await
     }
 
-    /// The lease of the hold `task_id` is being started under. Until the lease-aware
-    /// start hook lands, read from the keys the README documents (the slot is ours
-    /// until `start_callback` returns, so the read is not racy); `None` if Redis does
-    /// not answer.
-    async fn lease_of(&self, task_id: &str) -> Option<u64> {
+    /// The slot and lease of the hold `task_id` is being started under. Until the
+    /// lease-aware start hook lands, read from the keys the README documents (the
+    /// slot is ours until `start_callback` returns, so the read is not racy); `None`
+    /// if Redis does not answer.
+    async fn hold_of(&self, task_id: &str) -> Option<(String, u64)> {
         let tasks = format!("task_semaphore:{{{}}}:tasks", self.name);
         let slot: Option<String> = self
             .state
             .query(redis::cmd("HGET").arg(tasks).arg(task_id))
             .await
             .ok()?;
-        let key = format!("task_semaphore:{{{}}}:slot:{}", self.name, slot?);
+        let slot = slot?;
+        let key = format!("task_semaphore:{{{}}}:slot:{slot}", self.name);
         let fields: Vec<Option<String>> = self
             .state
             .query(redis::cmd("HMGET").arg(key).arg("task_id").arg("lease"))
             .await
             .ok()?;
         match fields.as_slice() {
-            [Some(t), Some(lease)] if t == task_id => lease.parse().ok(),
+            [Some(t), Some(lease)] if t == task_id => Some((slot, lease.parse().ok()?)),
             _ => None,
         }
     }
@@ -271,10 +272,11 @@ impl Backend for Chaos {
         match removed {
             Ok(n) => {
                 // With the lease-aware start hook, the lease comes with the call.
-                let lease = self.lease_of(task_id).await;
+                let hold = self.hold_of(task_id).await;
+                let (slot, lease) = (hold.as_ref().map(|h| h.0.clone()), hold.map(|h| h.1));
                 self.history.log(
                     "start_callback",
-                    json!({ "task": task_id, "taken": n == 1, "lease": lease }),
+                    json!({ "task": task_id, "taken": n == 1, "lease": lease, "slot": slot }),
                 );
                 if let Some(s) = self.scheduler.get() {
                     tokio::spawn(run_task(
