@@ -28,6 +28,17 @@ fn chaos_replica() {
     }
 }
 
+/// Re-checks a kept history: `CHAOS_CHECK=target/tmp/chaos/<run>/history.jsonl
+/// cargo test --test chaos chaos_check_history -- --nocapture`. A no-op otherwise.
+#[test]
+fn chaos_check_history() {
+    if let Ok(path) = std::env::var("CHAOS_CHECK") {
+        let report = harness::check_file(std::path::Path::new(&path));
+        println!("{}", report.render(40));
+        assert!(report.violations.is_empty());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// `kill -9` of a random replica every few seconds; a fresh one takes its place.
 async fn chaos_kill_replica() {

@@ -458,12 +458,17 @@ impl<'a> Checker<'a> {
                         self.holds[h].exempt = true;
                         self.holds[h].slot = Some(slot.clone());
                     }
-                    for l in self.lines.iter().filter(|l| l.idx > f.idx) {
-                        if l.ev() == "start" && l.str("slot") == Some(slot.as_str()) {
+                    // A claim of the slot after the edit (its start_callback line
+                    // follows the claim). The hold in the slot at the edit is exempt.
+                    for h in 0..self.holds.len() {
+                        let hold = &self.holds[h];
+                        if hold.open > f.idx && hold.slot.as_deref() == Some(slot.as_str()) && !hold.exempt {
+                            let mut lines = vec![self.raw(f.idx)];
+                            lines.extend(self.hold_lines(h));
                             self.violation(
                                 "corrupt slot handed out",
                                 format!("slot {slot} handed out after it was corrupted"),
-                                vec![self.raw(f.idx), self.raw(l.idx)],
+                                lines,
                             );
                         }
                     }

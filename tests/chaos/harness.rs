@@ -548,13 +548,19 @@ async fn run_once(sc: &Scenario, seconds: f64, run_no: u64) -> (Report, PathBuf)
     run.stop_replicas();
     drop(run.redis.take());
     let _ = del(&backlog_url, &backlog_key).await;
-    let (lines, torn) = history::read(&history_path);
+    (check_file(&history_path), dir)
+}
+
+/// Checks a history file, with the slot count and timeout of its `run_begin` line.
+pub fn check_file(path: &Path) -> Report {
+    let (lines, torn) = history::read(path);
+    let begin = lines.iter().find(|l| l.ev() == "run_begin");
     let params = Params {
-        slots: sc.slots,
-        timeout_ms: sc.timeout_ms,
+        slots: begin.and_then(|l| l.u64("slots")).unwrap_or(0) as usize,
+        timeout_ms: begin.and_then(|l| l.u64("timeout_ms")).unwrap_or(0),
         margin_ms: 2500,
     };
-    (checker::check(&params, &lines, &torn), dir)
+    checker::check(&params, &lines, &torn)
 }
 
 fn first_fault_at(fault: Fault) -> f64 {

@@ -226,7 +226,11 @@ impl Chaos {
     fn plan(&self) -> Plan {
         let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
         let roll = rng.range(0, 99);
-        if roll < 80 {
+        if roll < 12 {
+            Plan::Finish {
+                run_ms: rng.range(5, 80),
+            }
+        } else if roll < 80 {
             Plan::Finish {
                 run_ms: rng.range(30, 1200),
             }
@@ -255,11 +259,25 @@ impl Backend for Chaos {
         if first.is_empty() {
             return Ok(None);
         }
-        let pick = {
+        let (pick, stall) = {
             let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-            rng.range(0, first.len() as u64 - 1) as usize
+            // Often the head of the backlog, so that replicas race for one task.
+            let pick = if rng.range(0, 1) == 0 {
+                0
+            } else {
+                rng.range(0, first.len() as u64 - 1) as usize
+            };
+            // Now and then a slow poll: its answer may be stale by the claim (the
+            // task started and even finished meanwhile), which the claim must refuse.
+            let stall = (rng.range(0, 99) < 25).then(|| rng.range(300, 1500));
+            (pick, stall)
         };
-        Ok(first.get(pick).cloned())
+        let task = first.get(pick).cloned();
+        if let Some(ms) = stall {
+            self.history.log("poll_stall", json!({ "task": task, "ms": ms }));
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        Ok(task)
     }
 
     async fn start_callback(&self, task_id: &str) -> Result<(), BoxError> {
