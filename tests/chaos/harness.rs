@@ -474,6 +474,7 @@ struct Run<'a> {
     undo_at: Option<Instant>,
     respawn_at: Option<Instant>,
     corrupt_kinds: Vec<&'static str>,
+    run_no: u64,
 }
 
 fn unique_dir(name: &str) -> PathBuf {
@@ -538,6 +539,7 @@ async fn run_once(sc: &Scenario, seconds: f64, run_no: u64) -> (Report, PathBuf)
         undo_at: None,
         respawn_at: None,
         corrupt_kinds: vec!["garbage_number", "missing_field", "wrong_type"],
+        run_no,
     };
     run.inspector = Some(run.build_inspector().await);
     for _ in 0..sc.replicas {
@@ -943,6 +945,13 @@ impl Run<'_> {
         }
     }
 
+    /// The garbage number of this run's edit: first one Lua's `tonumber` would take
+    /// but the strict parser must refuse, then plain garbage, one per run.
+    fn garbage(&self) -> &'static str {
+        const GARBAGE: [&str; 5] = ["1e18", "12abc", "0x1F", "99999999999999999999", " 42"];
+        GARBAGE[self.run_no as usize % GARBAGE.len()]
+    }
+
     /// Hand-edits one slot, as an operator with redis-cli would (WATCH/MULTI/EXEC so
     /// that the slot's state is known when the edit lands). Garbage numbers and
     /// missing fields go into a busy slot (an idle slot ignores holder fields);
@@ -974,7 +983,7 @@ impl Run<'_> {
             tx.atomic();
             match how {
                 "garbage_number" => {
-                    tx.cmd("HSET").arg(&key).arg("deadline_ms").arg("12abc");
+                    tx.cmd("HSET").arg(&key).arg("deadline_ms").arg(self.garbage());
                 }
                 "missing_field" => {
                     tx.cmd("HDEL").arg(&key).arg("started_at_ms");
@@ -988,9 +997,10 @@ impl Run<'_> {
                 let lease = fields.get("lease").and_then(|l| l.parse::<u64>().ok());
                 let task = fields.get("task_id").cloned();
                 self.corrupted.insert(slot.clone());
+                let value = (how == "garbage_number").then(|| self.garbage());
                 self.fault(
                     "corrupt",
-                    json!({ "slot": slot, "how": how, "state": fields.get("state"), "task": task, "lease": lease }),
+                    json!({ "slot": slot, "how": how, "value": value, "state": fields.get("state"), "task": task, "lease": lease }),
                 );
                 return true;
             }
