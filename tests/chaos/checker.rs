@@ -364,14 +364,29 @@ impl<'a> Checker<'a> {
                 _ => continue,
             };
             let (pid, task) = (l.pid(), l.task());
-            // A sweep's callbacks are followed by the tick's timed_out report line.
-            let swept = self.next_in_tick(pid, l.idx, |n| n.ev() == "timed_out" && n.task() == task);
-            let lease = match (swept, kind) {
-                (Some(s), _) => s.lease(),
-                (None, EndKind::Stop) => self
-                    .prev_of(pid, l.idx, |n| n.ev() == "stop_sent" && n.task() == task)
-                    .and_then(Line::lease),
-                (None, EndKind::Timeout) => None,
+            // A sweep's callbacks (timeout_callback, then stop_callback, back to back)
+            // are followed by the tick's timed_out report line; a stop's
+            // stop_callback comes between its stop_sent and stop_result lines.
+            let swept_lease = |at: usize| {
+                self.next_in_tick(pid, at, |n| n.ev() == "timed_out" && n.task() == task)
+                    .and_then(Line::lease)
+            };
+            let lease = match kind {
+                EndKind::Timeout => swept_lease(l.idx),
+                EndKind::Stop => {
+                    let prev = self.prev_of(pid, l.idx, |n| {
+                        n.task() == task
+                            && matches!(
+                                n.ev(),
+                                "timeout_callback" | "stop_sent" | "stop_result" | "stop_callback"
+                            )
+                    });
+                    match prev {
+                        Some(p) if p.ev() == "timeout_callback" => swept_lease(p.idx),
+                        Some(p) if p.ev() == "stop_sent" => p.lease(),
+                        _ => swept_lease(l.idx),
+                    }
+                }
             };
             if kind == EndKind::Timeout {
                 self.out.stats.timeouts += 1;

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Condvar, Mutex};
@@ -282,6 +283,7 @@ fn watchdog(pid: u32) -> Option<Child> {
     Command::new("sh")
         .arg("-c")
         .arg(script)
+        .process_group(0) // its own group, so that ending it ends its `sleep` too
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -293,6 +295,24 @@ fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Ends a watchdog and its `sleep` (its whole process group).
+fn end_watchdog(watchdog: &mut Option<Child>) {
+    if let Some(w) = watchdog.as_ref() {
+        signal_group(w.id(), "KILL");
+    }
+    reap(watchdog);
+}
+
+fn signal_group(pgid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg("--")
+        .arg(format!("-{pgid}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
@@ -376,7 +396,7 @@ impl ChaosRedis {
     /// `kill -9`.
     pub fn kill(&mut self) {
         reap(&mut self.child);
-        reap(&mut self.watchdog);
+        end_watchdog(&mut self.watchdog);
     }
 
     pub fn restart(&mut self) {
@@ -415,7 +435,7 @@ impl ReplicaProc {
         }
         self.stdin = None;
         reap(&mut self.child);
-        reap(&mut self.watchdog);
+        end_watchdog(&mut self.watchdog);
         self.frozen = false;
     }
 
