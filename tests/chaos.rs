@@ -1,0 +1,105 @@
+//! The chaos suite: scheduler replicas as separate OS processes over one backlog,
+//! faults injected while they run, and a checker over the merged history of every
+//! start, keepalive, stop and timeout (with its lease).
+//!
+//! Each scenario is one test. `make test` runs each briefly; `make chaos` runs them
+//! longer (`CHAOS_SECONDS`, release build) and prints a table. A replica is this test
+//! binary re-executed with `CHAOS_ROLE=replica`, running `chaos_replica` alone.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)]
+
+mod common;
+
+#[path = "chaos/checker.rs"]
+mod checker;
+#[path = "chaos/harness.rs"]
+mod harness;
+#[path = "chaos/history.rs"]
+mod history;
+#[path = "chaos/replica.rs"]
+mod replica;
+
+use harness::{run_scenario, Fault, Scenario};
+
+/// The replica process's entry point; a no-op in a normal test run.
+#[test]
+fn chaos_replica() {
+    if std::env::var("CHAOS_ROLE").as_deref() == Ok("replica") {
+        replica::main();
+    }
+}
+
+/// Re-checks a kept history: `CHAOS_CHECK=target/tmp/chaos/<run>/history.jsonl
+/// cargo test --test chaos chaos_check_history -- --nocapture`. A no-op otherwise.
+#[test]
+fn chaos_check_history() {
+    if let Ok(path) = std::env::var("CHAOS_CHECK") {
+        let report = harness::check_file(std::path::Path::new(&path));
+        println!("{}", report.render(40));
+        assert!(report.violations.is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// `kill -9` of a random replica every few seconds; a fresh one takes its place.
+async fn chaos_kill_replica() {
+    run_scenario(Scenario::new("kill_replica", Fault::KillReplica)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// `kill -9` of a replica after a claim and before its `start_callback` ran.
+async fn chaos_kill_between_claim_and_start() {
+    run_scenario(Scenario::new("kill_in_start", Fault::KillInStartWindow)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// A replica frozen (SIGSTOP) past the slot timeout; thawed, its tasks send
+/// keepalive and stop for holds that ended: all refused.
+async fn chaos_frozen_replica() {
+    run_scenario(Scenario::new("freeze_replica", Fault::Freeze)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Redis `kill -9` and restart with appendonly yes + appendfsync always: nothing lost.
+async fn chaos_redis_restart_with_aof() {
+    run_scenario(Scenario::new("redis_restart_aof", Fault::RedisRestartAof)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// `SCRIPT FLUSH` every few hundred milliseconds.
+async fn chaos_script_flush() {
+    run_scenario(Scenario::new("script_flush", Fault::ScriptFlush)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// `CLIENT PAUSE 2000 WRITE` every few seconds (longer than the replicas' redis_timeout).
+async fn chaos_client_pause_write() {
+    run_scenario(Scenario::new("client_pause", Fault::ClientPause)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Half the replicas under `faketime -f '+1h'`: Redis time rules, not theirs.
+async fn chaos_skewed_replica_clocks() {
+    run_scenario(Scenario::new("faketime", Fault::Faketime)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Hand edits of three slots (garbage number, missing field, wrong type): each is
+/// reported corrupt and never handed out; the other slots keep working.
+async fn chaos_hand_edited_slots() {
+    run_scenario(Scenario::new("corrupt_slots", Fault::Corrupt)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs epoch detection"]
+/// Redis `kill -9` and restart without persistence: the state is lost and must be
+/// detected (no second generation of tasks beside the first, no lease reused).
+async fn chaos_redis_restart_without_persistence() {
+    run_scenario(Scenario::new("redis_restart_empty", Fault::RedisRestartEmpty)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs epoch detection"]
+/// `FLUSHALL`: as a restart without persistence.
+async fn chaos_flushall() {
+    run_scenario(Scenario::new("flushall", Fault::FlushAll)).await;
+}
