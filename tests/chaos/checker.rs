@@ -371,7 +371,9 @@ impl<'a> Checker<'a> {
                 self.next_in_tick(pid, at, |n| n.ev() == "timed_out" && n.task() == task)
                     .and_then(Line::lease)
             };
-            let lease = match kind {
+            // Callbacks log their lease (stop_with_lease / timeout_with_lease); older
+            // histories without it are matched by position.
+            let lease = l.lease().or_else(|| match kind {
                 EndKind::Timeout => swept_lease(l.idx),
                 EndKind::Stop => {
                     let prev = self.prev_of(pid, l.idx, |n| {
@@ -387,7 +389,7 @@ impl<'a> Checker<'a> {
                         _ => swept_lease(l.idx),
                     }
                 }
-            };
+            });
             if kind == EndKind::Timeout {
                 self.out.stats.timeouts += 1;
             } else {
@@ -512,11 +514,17 @@ impl<'a> Checker<'a> {
         for h in 0..self.holds.len() {
             let hold = &self.holds[h];
             let task = hold.task.clone();
-            let stops = hold.ends.iter().filter(|e| e.kind == EndKind::Stop).count();
-            let timeouts = hold.ends.iter().filter(|e| e.kind == EndKind::Timeout).count();
-            let first_stop = hold.ends.iter().find(|e| e.kind == EndKind::Stop).map(|e| e.idx);
-            let late_timeout = hold
+            // Callbacks run again by the replica that reclaimed the hold (at least
+            // once, after the first run was cut short) are not counted twice.
+            let first_run: Vec<&End> = hold
                 .ends
+                .iter()
+                .filter(|e| !hold.reclaimed.is_some_and(|(close, _)| e.idx > close))
+                .collect();
+            let stops = first_run.iter().filter(|e| e.kind == EndKind::Stop).count();
+            let timeouts = first_run.iter().filter(|e| e.kind == EndKind::Timeout).count();
+            let first_stop = first_run.iter().find(|e| e.kind == EndKind::Stop).map(|e| e.idx);
+            let late_timeout = first_run
                 .iter()
                 .any(|e| e.kind == EndKind::Timeout && first_stop.is_some_and(|s| e.idx > s));
             let never = hold.ends.is_empty() && hold.reclaimed.is_none() && !hold.exempt;

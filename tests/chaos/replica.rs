@@ -100,19 +100,23 @@ impl Rng {
 
 // ------------------------------------------------------------------ lease-checked calls
 //
-// The only place that calls keepalive/stop. Main is getting a lease-aware start hook
-// and `keepalive_with_lease` / `stop_with_lease` (refusing an old lease with
-// `Error::LeaseLost`); switching to them is these two bodies, one arm of `outcome`,
-// and passing the lease to the `start_callback` line (see `Chaos::start_callback`).
+// The only place that calls keepalive/stop: with the lease the task got at start
+// (`start_with_lease`), so an old lease is refused with `Error::LeaseLost`.
 
 /// Sends a keepalive for `task_id` under `lease`.
-async fn keepalive(s: &Scheduler, task_id: &str, _lease: Option<u64>) -> Result<(), Error> {
-    s.keepalive(task_id).await
+async fn keepalive(s: &Scheduler, task_id: &str, lease: Option<u64>) -> Result<(), Error> {
+    match lease {
+        Some(lease) => s.keepalive_with_lease(task_id, lease).await,
+        None => s.keepalive(task_id).await,
+    }
 }
 
 /// Stops `task_id` under `lease`.
-async fn stop(s: &Scheduler, task_id: &str, _lease: Option<u64>) -> Result<(), Error> {
-    s.stop(task_id).await
+async fn stop(s: &Scheduler, task_id: &str, lease: Option<u64>) -> Result<(), Error> {
+    match lease {
+        Some(lease) => s.stop_with_lease(task_id, lease).await,
+        None => s.stop(task_id).await,
+    }
 }
 
 /// How a keepalive or stop ended, as the history and the checker name it. `ok`;
@@ -123,7 +127,7 @@ fn outcome(result: &Result<(), Error>) -> (&'static str, Option<String>) {
         Ok(()) => ("ok", None),
         Err(Error::WrongTaskId(_)) => ("wrong_task", None),
         Err(Error::Expired { .. }) => ("expired", None),
-        // Err(Error::LeaseLost { .. }) => ("lease_lost", None),
+        Err(Error::LeaseLost { .. }) => ("lease_lost", None),
         Err(e) => ("error", Some(e.to_string())),
     }
 }
@@ -281,39 +285,24 @@ impl Backend for Chaos {
     }
 
     async fn start_callback(&self, task_id: &str) -> Result<(), BoxError> {
-        if !self.start_delay.is_zero() {
-            self.history.log("start_pending", json!({ "task": task_id }));
-            tokio::time::sleep(self.start_delay).await;
-        }
-        let removed: Result<u64, BoxError> =
-            self.backlog(redis::cmd("ZREM").arg(&self.key).arg(task_id)).await;
-        match removed {
-            Ok(n) => {
-                // With the lease-aware start hook, the lease comes with the call.
-                let hold = self.hold_of(task_id).await;
-                let (slot, lease) = (hold.as_ref().map(|h| h.0.clone()), hold.map(|h| h.1));
-                self.history.log(
-                    "start_callback",
-                    json!({ "task": task_id, "taken": n == 1, "lease": lease, "slot": slot }),
-                );
-                if let Some(s) = self.scheduler.get() {
-                    tokio::spawn(run_task(
-                        s.clone(),
-                        self.history.clone(),
-                        task_id.to_owned(),
-                        lease,
-                        self.plan(),
-                        self.keepalive_every,
-                    ));
-                }
-                Ok(())
-            }
-            Err(e) => {
-                self.history
-                    .log("start_failed", json!({ "task": task_id, "msg": e.to_string() }));
-                Err(e)
-            }
-        }
+        // The scheduler calls start_with_lease; this is only the required fallback.
+        self.start(task_id, None).await
+    }
+
+    async fn start_with_lease(&self, task_id: &str, lease: u64) -> Result<(), BoxError> {
+        self.start(task_id, Some(lease)).await
+    }
+
+    async fn stop_with_lease(&self, task_id: &str, lease: u64) -> Result<(), BoxError> {
+        self.history
+            .log("stop_callback", json!({ "task": task_id, "lease": lease }));
+        Ok(())
+    }
+
+    async fn timeout_with_lease(&self, task_id: &str, lease: u64) -> Result<(), BoxError> {
+        self.history
+            .log("timeout_callback", json!({ "task": task_id, "lease": lease }));
+        Ok(())
     }
 
     async fn stop_callback(&self, task_id: &str) -> Result<(), BoxError> {
@@ -337,6 +326,46 @@ impl Backend for Chaos {
             json!({ "task": task_id, "callback": callback.to_string(), "msg": error.to_string() }),
         );
         Ok(true)
+    }
+}
+
+impl Chaos {
+    /// Takes the task off the backlog and launches it under `lease` (the slot is
+    /// read from the index, for the history).
+    async fn start(&self, task_id: &str, given: Option<u64>) -> Result<(), BoxError> {
+        if !self.start_delay.is_zero() {
+            self.history.log("start_pending", json!({ "task": task_id }));
+            tokio::time::sleep(self.start_delay).await;
+        }
+        let removed: Result<u64, BoxError> =
+            self.backlog(redis::cmd("ZREM").arg(&self.key).arg(task_id)).await;
+        match removed {
+            Ok(n) => {
+                let hold = self.hold_of(task_id).await;
+                let slot = hold.as_ref().map(|h| h.0.clone());
+                let lease = given.or(hold.map(|h| h.1));
+                self.history.log(
+                    "start_callback",
+                    json!({ "task": task_id, "taken": n == 1, "lease": lease, "slot": slot }),
+                );
+                if let Some(s) = self.scheduler.get() {
+                    tokio::spawn(run_task(
+                        s.clone(),
+                        self.history.clone(),
+                        task_id.to_owned(),
+                        lease,
+                        self.plan(),
+                        self.keepalive_every,
+                    ));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.history
+                    .log("start_failed", json!({ "task": task_id, "msg": e.to_string() }));
+                Err(e)
+            }
+        }
     }
 }
 
