@@ -519,7 +519,7 @@ impl<'a> Checker<'a> {
             let first_run: Vec<&End> = hold
                 .ends
                 .iter()
-                .filter(|e| !hold.reclaimed.is_some_and(|(close, _)| e.idx > close))
+                .filter(|e| hold.reclaimed.is_none_or(|(close, _)| e.idx <= close))
                 .collect();
             let stops = first_run.iter().filter(|e| e.kind == EndKind::Stop).count();
             let timeouts = first_run.iter().filter(|e| e.kind == EndKind::Timeout).count();
