@@ -233,6 +233,7 @@ impl SchedulerBuilder {
             epoch: Mutex::new(String::new()),
             max_lease: AtomicU64::new(0),
             batching,
+            corrupt_logged: Mutex::new(HashMap::new()),
         };
         let scheduler = Scheduler {
             inner: Arc::new(inner),
@@ -287,6 +288,8 @@ struct Inner {
     max_lease: AtomicU64,
     /// Per backend: 0 not known yet, [`NO_BATCH`] when it has no `poll_many`.
     batching: Vec<AtomicU8>,
+    /// The last problem logged per corrupt slot (see `record_corrupt`).
+    corrupt_logged: Mutex<HashMap<String, String>>,
     /// Task id -> slot id, a hint that saves the index lookup of a keepalive or stop;
     /// the scripts check it, so a stale hint costs one retry, never a wrong write.
     located: Mutex<HashMap<String, String>>,
@@ -724,14 +727,41 @@ impl Scheduler {
             key: self.inner.keys.slot(slot_id),
             detail: why,
         };
-        record(
-            &mut report.errors,
-            Stage::CorruptSlot,
-            slot_id,
-            Some(backend),
-            Some(task_id),
-            e,
-        );
+        self.record_corrupt(&mut report.errors, slot_id, Some(backend), Some(task_id), e);
+    }
+
+    /// Reports a corrupt slot in the tick's errors every time, but logs it (a warning
+    /// naming the key) once per replica per distinct problem: a corrupt slot is seen
+    /// again by every tick, and would flood the logs.
+    fn record_corrupt(
+        &self,
+        sink: &mut Vec<TickError>,
+        slot_id: &str,
+        backend: Option<&str>,
+        task_id: Option<&str>,
+        message: impl fmt::Display,
+    ) {
+        let message = message.to_string();
+        let first = {
+            let mut logged = self
+                .inner
+                .corrupt_logged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            logged.insert(slot_id.to_owned(), message.clone()).as_ref() != Some(&message)
+        };
+        if first {
+            tracing::warn!(stage = ?Stage::CorruptSlot, slot_id, backend, task_id, "{message}");
+        } else {
+            tracing::debug!(stage = ?Stage::CorruptSlot, slot_id, backend, task_id, "{message}");
+        }
+        sink.push(TickError {
+            stage: Stage::CorruptSlot,
+            slot_id: Some(slot_id.to_owned()),
+            backend: backend.map(str::to_owned),
+            task_id: task_id.map(str::to_owned),
+            message,
+        });
     }
 
     /// Runs `start_callback` for a task just claimed in slot `index` under `lease`.
@@ -1021,7 +1051,7 @@ impl Scheduler {
                         }
                         Swept::Corrupt { slot_id, why } => {
                             let msg = format!("key {} {why}", inner.keys.slot(&slot_id));
-                            record(&mut report.errors, Stage::CorruptSlot, &slot_id, None, None, msg);
+                            self.record_corrupt(&mut report.errors, &slot_id, None, None, msg);
                         }
                     }
                 }

@@ -67,3 +67,67 @@ async fn eviction_policy_that_can_drop_slot_keys_is_warned_about() {
         );
     }
 }
+
+#[tokio::test]
+/// A corrupt slot is in every tick's errors, but logged once (no flood), naming its key.
+async fn corrupt_slot_is_logged_once_per_problem() {
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
+    let fake = Fake::with_tasks("Jobs", ["a"]);
+    let name = unique_name("corruptlog");
+    let s = builder(&name, &fake, 2, Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    s.schedule().await.unwrap();
+    let slot2 = common::key(&name, "slot:2");
+    let mut conn = common::raw(&common::redis_url()).await;
+    let _: () = redis::cmd("SET")
+        .arg(&slot2)
+        .arg("garbage")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SADD")
+        .arg(common::key(&name, "idle"))
+        .arg("2")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        fake.push(["b"]);
+        let r = s.schedule().await.unwrap();
+        assert!(
+            r.errors.iter().any(|e| e.message.contains(&slot2)),
+            "{:?}",
+            r.errors
+        );
+    }
+    let logs = capture.0.lock().unwrap().clone();
+    let about: Vec<_> = logs.iter().filter(|l| l.contains(&slot2)).collect();
+    assert_eq!(about.len(), 1, "{logs:#?}");
+}
+
+#[tokio::test]
+/// Lost state is logged as an error an operator cannot miss.
+async fn lost_state_is_logged_loudly() {
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
+    let fake = Fake::with_tasks("Jobs", ["a"]);
+    let name = unique_name("lostlog");
+    let s = builder(&name, &fake, 1, Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    s.schedule().await.unwrap();
+    let mut conn = common::raw(&common::redis_url()).await;
+    let _: () = redis::cmd("DEL")
+        .arg(common::key(&name, "epoch"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(s.schedule().await.unwrap().state_lost);
+    let logs = capture.0.lock().unwrap().join("\n");
+    assert!(logs.contains("LOST THE STATE"), "{logs}");
+    assert!(logs.contains(&common::key(&name, "epoch")), "{logs}");
+}
