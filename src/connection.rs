@@ -51,7 +51,8 @@ pub(crate) fn connection_info(url: &str, root_cert: Option<&[u8]>) -> Result<Con
     let Some(pem) = root_cert else {
         return Ok(info);
     };
-    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    if !pem.windows(BEGIN.len()).any(|w| w == BEGIN) {
         return Err(Error::Config(
             "tls_root_cert holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
         ));
@@ -60,10 +61,8 @@ pub(crate) fn connection_info(url: &str, root_cert: Option<&[u8]>) -> Result<Con
         client_tls: None,
         root_cert: Some(pem.to_vec()),
     };
-    let client = Client::build_with_tls(info, certificates).map_err(|source| Error::Redis {
-        context: "reading tls_root_cert",
-        source,
-    })?;
+    let client = Client::build_with_tls(info, certificates)
+        .map_err(|e| Error::Config(format!("tls_root_cert cannot be read: {e}")))?;
     Ok(client.get_connection_info().clone())
 }
 
