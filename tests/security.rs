@@ -192,6 +192,12 @@ async fn tls_untrusted_or_mismatched_connections_fail_fast_and_clearly() {
                 .tls_root_cert("not a certificate"),
         ),
         (
+            "a broken certificate",
+            Scheduler::builder("x").redis_url(url.clone()).tls_root_cert(
+                "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+            ),
+        ),
+        (
             "#insecure",
             Scheduler::builder("x").redis_url(format!("{url}/#insecure")),
         ),
