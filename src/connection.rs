@@ -10,10 +10,61 @@ use std::time::Duration;
 
 use deadpool_redis::{Pool, PoolError};
 use redis::aio::MultiplexedConnection;
-use redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, ServerErrorKind};
+use redis::{
+    Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue, IntoConnectionInfo, Pipeline,
+    ServerErrorKind, TlsCertificates,
+};
 
 use crate::error::{Error, Result};
 use crate::scripts::Call;
+
+/// Where to connect: a `redis://` or `rediss://` URL, and for TLS the CA certificates
+/// (PEM) to trust instead of the system's roots.
+///
+/// TLS is rustls with its `ring` provider. When the process has no default rustls
+/// `CryptoProvider` yet, `ring`'s is installed, so that a build that also enables
+/// another provider's feature (which makes rustls unable to pick one) still connects.
+pub(crate) fn connection_info(url: &str, root_cert: Option<&[u8]>) -> Result<ConnectionInfo> {
+    let info = url.into_connection_info().map_err(|source| Error::Redis {
+        context: "reading the redis url",
+        source,
+    })?;
+    let ConnectionAddr::TcpTls { insecure, .. } = info.addr() else {
+        if root_cert.is_some() {
+            return Err(Error::Config(
+                "tls_root_cert needs a rediss:// url (TLS); this one is not".into(),
+            ));
+        }
+        return Ok(info);
+    };
+    if *insecure {
+        return Err(Error::Config(
+            "rediss:// with #insecure (no certificate checks) is not supported; \
+             trust the server's CA with tls_root_cert instead"
+                .into(),
+        ));
+    }
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Err means another thread installed one meanwhile: that one is used.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let Some(pem) = root_cert else {
+        return Ok(info);
+    };
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    if !pem.windows(BEGIN.len()).any(|w| w == BEGIN) {
+        return Err(Error::Config(
+            "tls_root_cert holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+        ));
+    }
+    let certificates = TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem.to_vec()),
+    };
+    let client = Client::build_with_tls(info, certificates)
+        .map_err(|e| Error::Config(format!("tls_root_cert cannot be read: {e}")))?;
+    Ok(client.get_connection_info().clone())
+}
 
 pub(crate) struct Redis {
     pool: Pool,

@@ -12,7 +12,7 @@ use redis::{AsyncConnectionConfig, Value};
 
 use crate::backend::{Backend, BoxError, Callback, DynBackend};
 use crate::config::{self, SlotConfig};
-use crate::connection::Redis;
+use crate::connection::{self, Redis};
 use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::report::{Inspection, ScheduleReport, SlotTask, Stage, TickError};
@@ -49,6 +49,7 @@ pub struct SchedulerBuilder {
     name: String,
     prefix: String,
     redis_url: Option<String>,
+    tls_root_cert: Option<Vec<u8>>,
     pool: Option<Pool>,
     backends: Vec<Arc<dyn DynBackend>>,
     slots: Vec<SlotConfig>,
@@ -73,9 +74,20 @@ impl fmt::Debug for SchedulerBuilder {
 }
 
 impl SchedulerBuilder {
-    /// Where Redis is, as a `redis://` URL. The scheduler makes its own pool.
+    /// Where Redis is, as a `redis://` URL, or `rediss://` for TLS (see
+    /// [`tls_root_cert`](Self::tls_root_cert)). The scheduler makes its own pool.
     pub fn redis_url(mut self, url: impl Into<String>) -> Self {
         self.redis_url = Some(url.into());
+        self
+    }
+
+    /// For a `rediss://` [`redis_url`](Self::redis_url): the CA certificates (PEM) that
+    /// sign the server's certificate, trusted instead of the system's roots, e.g. for a
+    /// self-signed CA. Without it the system's roots are used (`SSL_CERT_FILE` and
+    /// `SSL_CERT_DIR` are honoured). Build a [`redis_pool`](Self::redis_pool) for
+    /// client certificates (mutual TLS).
+    pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_root_cert = Some(pem.into());
         self
     }
 
@@ -208,8 +220,13 @@ impl SchedulerBuilder {
             });
         }
         let pool = match (self.pool, self.redis_url) {
+            (Some(_), None) if self.tls_root_cert.is_some() => {
+                return Err(Error::Config(
+                    "tls_root_cert goes with redis_url, not redis_pool".into(),
+                ))
+            }
             (Some(pool), None) => pool,
-            (None, Some(url)) => make_pool(&url, self.redis_timeout)?,
+            (None, Some(url)) => make_pool(&url, self.tls_root_cert.as_deref(), self.redis_timeout)?,
             (None, None) => return Err(Error::Config("give redis_url or redis_pool".into())),
             (Some(_), Some(_)) => return Err(Error::Config("give redis_url or redis_pool, not both".into())),
         };
@@ -243,13 +260,14 @@ impl SchedulerBuilder {
     }
 }
 
-fn make_pool(url: &str, timeout: Duration) -> Result<Pool> {
+fn make_pool(url: &str, tls_root_cert: Option<&[u8]>, timeout: Duration) -> Result<Pool> {
     // Only the connect has the redis crate's own timeout: every request is bounded by
     // `Redis::run`, so that an unanswered one is `Error::Timeout`, never retried.
     let connection = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(None);
-    let manager = Manager::new_with_config(url, connection).map_err(|source| Error::Redis {
+    let info = connection::connection_info(url, tls_root_cert)?;
+    let manager = Manager::new_with_config(info, connection).map_err(|source| Error::Redis {
         context: "reading the redis url",
         source,
     })?;
@@ -401,6 +419,7 @@ impl Scheduler {
             name: name.into(),
             prefix: DEFAULT_KEY_PREFIX.to_owned(),
             redis_url: None,
+            tls_root_cert: None,
             pool: None,
             backends: Vec::new(),
             slots: Vec::new(),
@@ -1307,7 +1326,7 @@ pub async fn inspect_redis(redis_url: &str, key_prefix: &str, name: &str) -> Res
     config::validate_name("scheduler name", name)?;
     config::validate_name("key prefix", key_prefix)?;
     let timeout = Duration::from_secs(5);
-    let redis = Redis::new(make_pool(redis_url, timeout)?, timeout);
+    let redis = Redis::new(make_pool(redis_url, None, timeout)?, timeout);
     let keys = Keys::new(key_prefix, name);
     let mut ids: Vec<String> = redis
         .query("listing slots", redis::cmd("SMEMBERS").arg(&keys.slots))

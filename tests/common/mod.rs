@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use task_semaphore::{Backend, BoxError, Callback, Scheduler, SchedulerBuilder, SlotConfig};
 
+pub mod tls;
+
 /// The Redis every test of this binary shares (each under its own scheduler name):
 /// `REDIS_URL`, else a `redis-server` from PATH on a free port, else a container
 /// through testcontainers where a Docker engine answers.
