@@ -6,6 +6,15 @@
 //! it reclaimed. So a hold's interval in the log lies inside Redis's real holding
 //! interval, and counts of live holds in log order are sound lower bounds.
 //!
+//! Data loss (`FLUSHALL`, a restart without persistence) ends every hold open in
+//! Redis at the fault, but its task still runs: such a *lost* hold stays live in the
+//! log until its task learns it (its first refused keepalive/stop after the fault) or
+//! until the quarantine would have let a new generation start (the loss's Redis time
+//! plus the slot timeout), whichever comes first. So "never more than N live holds"
+//! checks that no new generation started beside the lost one before the lost tasks
+//! knew or the quarantine ended. A lost hold never gets its callbacks (the state is
+//! gone) and is not reported as never ended. See [`Checker::data_loss`] for the rest.
+//!
 //! Each hold's lease comes from the `start_callback` line (read from Redis at start,
 //! later from the lease-aware hook) or from the replica's `start` report line; an
 //! end's lease from the `timed_out` report line of the same tick, or from the
@@ -54,6 +63,9 @@ pub struct Stats {
     pub kills: usize,
     pub inspections: usize,
     pub corrupt_reports: usize,
+    /// Holds open when Redis lost the state, and how many of their tasks learned it.
+    pub lost_holds: usize,
+    pub lost_learned: usize,
     pub torn: usize,
     pub max_live: usize,
 }
@@ -128,13 +140,35 @@ struct Hold {
     reclaimed: Option<(usize, usize)>,
     /// Stuck in a slot corrupted by hand while it held it: may never end.
     exempt: bool,
+    /// Open in Redis when the state was lost.
+    lost: Option<Lost>,
+}
+
+/// A hold of the generation Redis lost.
+#[derive(Debug, Clone, Copy)]
+struct Lost {
+    /// The fault line: where the hold ended for Redis.
+    fault: usize,
+    /// Where it ends in the log: its task's first refused call after the fault, or
+    /// the first line at or past the loss + the slot timeout, whichever first.
+    until: usize,
 }
 
 impl Hold {
-    /// The first line at which the hold is over in the log.
+    /// The first line at which the hold is over in Redis (a lost hold: at the fault).
     fn close(&self) -> Option<usize> {
         let ends = self.ends.iter().map(|e| e.idx);
-        ends.chain(self.reclaimed.map(|r| r.0)).min()
+        ends.chain(self.reclaimed.map(|r| r.0))
+            .chain(self.lost.map(|l| l.fault))
+            .min()
+    }
+    /// The first line at which the hold is over in the log: as [`close`](Self::close),
+    /// but a lost hold lives on until its task knew or the quarantine ended.
+    fn log_close(&self) -> Option<usize> {
+        let ends = self.ends.iter().map(|e| e.idx);
+        ends.chain(self.reclaimed.map(|r| r.0))
+            .chain(self.lost.map(|l| l.until))
+            .min()
     }
     /// Whether the hold was live in the log over the whole of `from..=to`.
     fn live_over(&self, from: usize, to: usize) -> bool {
@@ -175,6 +209,7 @@ pub fn check(p: &Params, lines: &[Line], torn: &[String]) -> Report {
     c.holds_from_starts();
     c.ends();
     c.reports();
+    c.data_loss();
     c.faults();
     c.per_hold();
     c.per_task();
@@ -216,7 +251,14 @@ impl<'a> Checker<'a> {
         let mut idxs = vec![hold.open];
         idxs.extend(hold.ends.iter().map(|e| e.idx));
         idxs.extend(hold.reclaimed.map(|r| r.1));
+        if let Some(lost) = hold.lost {
+            idxs.push(lost.fault);
+            if lost.until != usize::MAX {
+                idxs.push(lost.until);
+            }
+        }
         idxs.sort_unstable();
+        idxs.dedup();
         idxs.into_iter().map(|i| self.raw(i)).collect()
     }
 
@@ -300,6 +342,7 @@ impl<'a> Checker<'a> {
                         ends: Vec::new(),
                         reclaimed: None,
                         exempt: false,
+                        lost: None,
                     });
                     self.by_task.entry(l.task().to_owned()).or_default().push(h);
                     if let Some(lease) = l.lease() {
@@ -455,6 +498,166 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// Data loss (`FLUSHALL`, `kill -9` of a Redis without persistence). The fault
+    /// line carries Redis's time at the loss (`loss_ms`) and the lease counter then
+    /// (`lease_at_loss`), both read atomically with the loss. A hold is of the lost
+    /// generation when its lease is at most that counter and it has no end (an end
+    /// callback after the fault line means Redis ended the hold before the loss);
+    /// later leases are the new generation. For each loss:
+    ///
+    /// - the lost holds end in Redis at the fault and in the log as the module doc
+    ///   says (which `live_counts` then checks);
+    /// - a replica's tick reports `state_lost` after the fault;
+    /// - no hold of the new generation starts before the quarantine ends: the loss +
+    ///   the slot timeout, or the earliest `until_ms` a replica reported, whichever
+    ///   is later (less a few ms for rounding);
+    /// - every lease started after the fault is above every lease started before;
+    /// - the new generation starts at all (work resumed).
+    fn data_loss(&mut self) {
+        const MARGIN_MS: u64 = 20;
+        let losses: Vec<&'a Line> = self
+            .lines
+            .iter()
+            .filter(|l| l.ev() == "fault")
+            .filter(|l| match l.str("kind") {
+                Some("flushall") => true,
+                Some("redis_kill") => l.v.get("persistence").and_then(Value::as_bool) == Some(false),
+                _ => false,
+            })
+            .collect();
+        for (n, f) in losses.iter().enumerate() {
+            let next = losses.get(n + 1).map_or(usize::MAX, |l| l.idx);
+            let loss_ms = f.u64("loss_ms").unwrap_or_else(|| f.ms());
+            let before = |h: &Hold| h.open < f.idx;
+            let max_before = self
+                .holds
+                .iter()
+                .filter(|h| before(h))
+                .filter_map(|h| h.lease)
+                .max();
+            // Without the counter (unreadable at the fault) the holds logged before
+            // the fault are the lost generation.
+            let cut = f.u64("lease_at_loss").or(max_before);
+            let old = |h: &Hold| match (h.lease, cut) {
+                (Some(lease), Some(cut)) => lease <= cut,
+                _ => before(h),
+            };
+            let end_ms = loss_ms + self.p.timeout_ms;
+            let bound = self
+                .lines
+                .iter()
+                .find(|l| l.idx > f.idx && l.ms() >= end_ms)
+                .map_or(usize::MAX, |l| l.idx);
+            // The lost generation.
+            for h in 0..self.holds.len() {
+                let hold = &self.holds[h];
+                if hold.lost.is_some()
+                    || hold.exempt
+                    || !hold.ends.is_empty()
+                    || hold.reclaimed.is_some()
+                    || !old(hold)
+                {
+                    continue;
+                }
+                let learned = self
+                    .lines
+                    .iter()
+                    .find(|l| {
+                        l.idx > f.idx
+                            && matches!(l.ev(), "keepalive_result" | "stop_result")
+                            && l.task() == hold.task
+                            && l.lease() == hold.lease
+                            && matches!(l.str("result"), Some("wrong_task" | "expired" | "lease_lost"))
+                    })
+                    .map(|l| l.idx);
+                // usize::MAX: the log ended first, the hold is live to its end.
+                let until = learned.map_or(bound, |l| l.min(bound));
+                self.out.stats.lost_holds += 1;
+                if learned.is_some_and(|l| l < bound) {
+                    self.out.stats.lost_learned += 1;
+                }
+                self.holds[h].lost = Some(Lost { fault: f.idx, until });
+            }
+            // Detected.
+            let reports: Vec<&'a Line> = self
+                .lines
+                .iter()
+                .filter(|l| l.idx > f.idx && l.idx < next && l.ev() == "state_lost")
+                .collect();
+            if reports.is_empty() {
+                self.violation(
+                    "data loss not detected",
+                    format!("no replica reported state_lost after the fault at line {}", f.idx),
+                    vec![self.raw(f.idx)],
+                );
+            }
+            let reported = reports.iter().filter_map(|l| l.u64("until_ms")).min();
+            if reports.iter().any(|l| l.u64("until_ms").is_none()) {
+                let lines = reports.iter().map(|l| self.raw(l.idx)).collect();
+                self.violation(
+                    "state lost without a quarantine",
+                    "a tick reported state_lost without quarantined_until".into(),
+                    lines,
+                );
+            }
+            let quarantine_end = reported.unwrap_or(0).max(end_ms);
+            // The new generation: no start in the quarantine, leases above the old.
+            let after: Vec<usize> = (0..self.holds.len())
+                .filter(|&h| self.holds[h].open > f.idx && self.holds[h].open < next)
+                .collect();
+            let mut resumed = false;
+            for &h in &after {
+                let hold = &self.holds[h];
+                let (task, lease, is_old) = (hold.task.clone(), hold.lease, old(hold));
+                let start = self.line(hold.open);
+                if !is_old {
+                    resumed = true;
+                    if start.ms() + MARGIN_MS < quarantine_end {
+                        let mut lines = vec![self.raw(f.idx)];
+                        lines.extend(reports.first().map(|l| self.raw(l.idx)));
+                        lines.extend(self.hold_lines(h));
+                        self.violation(
+                            "start during the quarantine",
+                            format!(
+                                "task {task} started {} ms after the loss, {} ms before the quarantine ended",
+                                start.ms().saturating_sub(loss_ms),
+                                quarantine_end - start.ms()
+                            ),
+                            lines,
+                        );
+                    }
+                }
+                if let (Some(lease), Some(max)) = (lease, max_before) {
+                    if lease <= max {
+                        let mut lines = vec![self.raw(f.idx)];
+                        lines.extend(self.hold_lines(h));
+                        self.violation(
+                            "lease not above those before the loss",
+                            format!("task {task} started after the loss with lease {lease}, not above {max}"),
+                            lines,
+                        );
+                    }
+                }
+            }
+            // Work resumed, unless the run was drained first (the harness leaves room).
+            let drained_early = self
+                .lines
+                .iter()
+                .find(|l| l.idx > f.idx && l.ev() == "drain")
+                .is_some_and(|d| d.ms() < quarantine_end + 1000);
+            if !resumed && !drained_early {
+                self.violation(
+                    "work did not resume after the loss",
+                    format!(
+                        "no task started after the quarantine of the fault at line {}",
+                        f.idx
+                    ),
+                    vec![self.raw(f.idx)],
+                );
+            }
+        }
+    }
+
     /// Hand edits of slots: their holders may stay stuck; the slot must be reported
     /// and never handed out again.
     fn faults(&mut self) {
@@ -527,7 +730,8 @@ impl<'a> Checker<'a> {
             let late_timeout = first_run
                 .iter()
                 .any(|e| e.kind == EndKind::Timeout && first_stop.is_some_and(|s| e.idx > s));
-            let never = hold.ends.is_empty() && hold.reclaimed.is_none() && !hold.exempt;
+            let never =
+                hold.ends.is_empty() && hold.reclaimed.is_none() && !hold.exempt && hold.lost.is_none();
             let not_taken = !hold.taken;
             let enders: BTreeSet<u64> = hold.ends.iter().map(|e| e.pid).collect();
             if stops > 1 {
@@ -579,7 +783,7 @@ impl<'a> Checker<'a> {
             hs.sort_by_key(|&h| self.holds[h].open);
             for pair in hs.windows(2) {
                 let (a, b) = (pair[0], pair[1]);
-                let concurrent = self.holds[a].close().is_none_or(|c| c > self.holds[b].open);
+                let concurrent = self.holds[a].log_close().is_none_or(|c| c > self.holds[b].open);
                 let what = if concurrent {
                     format!("task {task} started twice at once (two holds)")
                 } else {
@@ -787,11 +991,12 @@ impl<'a> Checker<'a> {
     }
 
     /// Never more than N holds live at once (in log order), and never two holds of
-    /// one slot at once.
+    /// one slot at once. A lost hold counts until its task knew or the quarantine
+    /// ended (`log_close`).
     fn live_counts(&mut self) {
         let mut edges: Vec<(usize, i32, usize)> = Vec::new();
         for (h, hold) in self.holds.iter().enumerate() {
-            let close = hold.close();
+            let close = hold.log_close();
             if close.is_some_and(|c| c <= hold.open) {
                 continue; // its start line was written after its end (a frozen replica)
             }

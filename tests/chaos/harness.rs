@@ -113,7 +113,7 @@ pub struct Budget {
 }
 
 /// Scenarios `make chaos` runs (the ignored ones excluded).
-pub const ACTIVE_SCENARIOS: f64 = 8.0;
+pub const ACTIVE_SCENARIOS: f64 = 10.0;
 
 pub fn budget() -> Budget {
     let num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<f64>().ok());
@@ -201,7 +201,8 @@ pub async fn run_scenario(sc: Scenario) {
         totals.reclaims += s.reclaims;
         println!(
             "chaos {} run {}: {} replicas, {} starts, {} stops, {} timeouts, {} reclaims, {} claims never started, \
-             {} stale calls refused, {} faults, {} inspections, max live {}/{}, {} lines -> {} violation(s)",
+             {} stale calls refused, {} faults, {} lost holds ({} learned it), {} inspections, max live {}/{}, \
+             {} lines -> {} violation(s)",
             sc.name,
             totals.runs,
             s.replicas,
@@ -212,6 +213,8 @@ pub async fn run_scenario(sc: Scenario) {
             s.orphan_ends,
             s.stale_refused,
             s.faults,
+            s.lost_holds,
+            s.lost_learned,
             s.inspections,
             s.max_live,
             sc.slots,
@@ -495,6 +498,10 @@ struct Run<'a> {
     respawn_at: Option<Instant>,
     corrupt_kinds: Vec<&'static str>,
     run_no: u64,
+    /// The backlog's size when filled, and the tasks started (or being started) so
+    /// far: what a re-seed puts back if a fault wiped the backlog.
+    backlog_len: usize,
+    taken: BTreeSet<String>,
 }
 
 fn unique_dir(name: &str) -> PathBuf {
@@ -517,7 +524,8 @@ async fn run_once(sc: &Scenario, seconds: f64, run_no: u64) -> (Report, PathBuf)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1)
         ^ run_no;
-    fill_backlog(&backlog_url, &backlog_key, (seconds * 60.0) as usize + 300).await;
+    let backlog_len = (seconds * 60.0) as usize + 300;
+    fill_backlog(&backlog_url, &backlog_key, 0..backlog_len, &BTreeSet::new()).await;
     let config = ReplicaConfig {
         redis_url: redis_url.clone(),
         backlog_url: backlog_url.clone(),
@@ -560,6 +568,8 @@ async fn run_once(sc: &Scenario, seconds: f64, run_no: u64) -> (Report, PathBuf)
         respawn_at: None,
         corrupt_kinds: vec!["garbage_number", "missing_field", "wrong_type"],
         run_no,
+        backlog_len,
+        taken: BTreeSet::new(),
     };
     run.inspector = Some(run.build_inspector().await);
     for _ in 0..sc.replicas {
@@ -603,15 +613,53 @@ fn task_id(i: usize) -> String {
     }
 }
 
-async fn fill_backlog(url: &str, key: &str, n: usize) {
+/// Adds tasks `ids` to the backlog, but those in `skip`. Returns how many it added.
+async fn fill_backlog(url: &str, key: &str, ids: std::ops::Range<usize>, skip: &BTreeSet<String>) -> usize {
     let mut conn = common::raw(url).await;
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+    let ids: Vec<usize> = ids.filter(|&i| !skip.contains(&task_id(i))).collect();
+    for chunk in ids.chunks(500) {
         let mut cmd = redis::cmd("ZADD");
         cmd.arg(key);
         for &i in chunk {
             cmd.arg(i).arg(task_id(i));
         }
         let _: () = cmd.query_async(&mut conn).await.expect("fill the backlog");
+    }
+    ids.len()
+}
+
+/// What Redis held at the moment it lost the state: its time (ms) and the lease
+/// counter. For `FLUSHALL` both are read in the transaction that flushes; before a
+/// `kill -9`, writes are paused first (`CLIENT PAUSE WRITE` holds every script) so
+/// that no claim lands between the read and the kill.
+async fn snapshot_at_loss(url: &str, lease_key: &str, flush: bool) -> (Option<u64>, Option<u64>) {
+    let Ok(client) = redis::Client::open(url) else {
+        return (None, None);
+    };
+    let Ok(Ok(mut c)) =
+        tokio::time::timeout(Duration::from_secs(2), client.get_multiplexed_async_connection()).await
+    else {
+        return (None, None);
+    };
+    let mut pipe = redis::pipe();
+    if flush {
+        pipe.atomic();
+    } else {
+        let _: redis::RedisResult<()> = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(10_000)
+            .arg("WRITE")
+            .query_async(&mut c)
+            .await;
+    }
+    pipe.cmd("TIME").cmd("GET").arg(lease_key);
+    if flush {
+        pipe.cmd("FLUSHALL").ignore();
+    }
+    let got: redis::RedisResult<((u64, u64), Option<u64>)> = pipe.query_async(&mut c).await;
+    match got {
+        Ok(((secs, micros), lease)) => (Some(secs * 1000 + micros / 1000), lease),
+        Err(_) => (None, None),
     }
 }
 
@@ -720,9 +768,11 @@ impl Run<'_> {
                 }
                 "start_pending" => {
                     self.pending.insert((pid, l.task().to_owned()));
+                    self.taken.insert(l.task().to_owned());
                 }
                 "start_callback" | "start_failed" => {
                     self.pending.remove(&(pid, l.task().to_owned()));
+                    self.taken.insert(l.task().to_owned());
                     if l.ev() == "start_callback" {
                         *self.starts_by_pid.entry(pid).or_default() += 1;
                     }
@@ -868,26 +918,47 @@ impl Run<'_> {
                 }
                 self.next_fault = t + freeze_for + 2.0;
             }
-            Fault::RedisRestartAof | Fault::RedisRestartEmpty => {
+            Fault::RedisRestartAof => {
                 if t < seconds - 2.0 {
                     if let Some(r) = self.redis.as_mut() {
                         r.kill();
-                        self.fault(
-                            "redis_kill",
-                            json!({ "persistence": self.sc.fault == Fault::RedisRestartAof }),
-                        );
+                        self.fault("redis_kill", json!({ "persistence": true }));
                         let down = self.rng.range(300, 800);
                         self.undo_at = Some(now + Duration::from_millis(down));
                     }
                 }
                 self.next_fault = t + 4.0;
             }
+            // Data loss: room is left after the fault for the quarantine (one slot
+            // timeout after the detection) and for work to resume before the drain.
+            Fault::RedisRestartEmpty => {
+                if t < seconds - timeout_s - 2.5 {
+                    if let Some(url) = self.redis.as_ref().map(ChaosRedis::url) {
+                        let lease_key = common::key(&self.config.name, "lease");
+                        let (loss_ms, lease) = snapshot_at_loss(&url, &lease_key, false).await;
+                        if let Some(r) = self.redis.as_mut() {
+                            r.kill();
+                        }
+                        self.fault(
+                            "redis_kill",
+                            json!({ "persistence": false, "loss_ms": loss_ms, "lease_at_loss": lease }),
+                        );
+                        let down = self.rng.range(300, 800);
+                        self.undo_at = Some(now + Duration::from_millis(down));
+                        self.check_backlog().await;
+                    }
+                }
+                self.next_fault = t + 4.0;
+            }
             Fault::FlushAll => {
-                if t < seconds - 2.0 {
-                    if let Some(r) = &self.redis {
-                        let mut c = common::raw(&r.url()).await;
-                        let _: redis::RedisResult<()> = redis::cmd("FLUSHALL").query_async(&mut c).await;
-                        self.fault("flushall", json!({}));
+                if t < seconds - timeout_s - 2.5 {
+                    if let Some(url) = self.redis.as_ref().map(ChaosRedis::url) {
+                        let lease_key = common::key(&self.config.name, "lease");
+                        let (loss_ms, lease) = snapshot_at_loss(&url, &lease_key, true).await;
+                        if loss_ms.is_some() {
+                            self.fault("flushall", json!({ "loss_ms": loss_ms, "lease_at_loss": lease }));
+                            self.check_backlog().await;
+                        }
                     }
                 }
                 self.next_fault = t + 4.0;
@@ -962,6 +1033,32 @@ impl Run<'_> {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// After a data-loss fault: the backlog must have survived it. It lives in the
+    /// tests' shared Redis (`backlog_url`), not in this run's private one, so a
+    /// `FLUSHALL` or an empty restart of the latter leaves it alone; should it ever
+    /// share the flushed server, it is re-seeded with every task not started yet (a
+    /// task started before the loss must not be offered again: it still runs).
+    async fn check_backlog(&mut self) {
+        let (url, key) = (self.config.backlog_url.clone(), self.config.backlog_key.clone());
+        let Ok(client) = redis::Client::open(url.as_str()) else {
+            return;
+        };
+        let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+            self.history.log("backlog_unreachable", json!({}));
+            return;
+        };
+        let size: redis::RedisResult<u64> = redis::cmd("ZCARD").arg(&key).query_async(&mut c).await;
+        let size = size.unwrap_or(0);
+        let shared = url == self.config.redis_url;
+        self.history
+            .log("backlog", json!({ "size": size, "same_redis": shared }));
+        if size == 0 {
+            self.follow();
+            let added = fill_backlog(&url, &key, 0..self.backlog_len, &self.taken).await;
+            self.history.log("backlog_reseeded", json!({ "added": added }));
         }
     }
 

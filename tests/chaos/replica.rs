@@ -524,10 +524,24 @@ async fn replica(config: ReplicaConfig, history: Arc<History>, drain: Arc<Atomic
     };
     let _ = backend.scheduler.set(scheduler.clone());
     history.log("replica_up", json!({ "spawn": config.spawn }));
+    // The quarantine this replica last reported, to log only its changes.
+    let mut quarantine: Option<u64> = None;
     loop {
         history.log("tick", json!({}));
         match scheduler.schedule().await {
             Ok(report) => {
+                // Lost state: the tick that detected it, and the quarantine (Redis
+                // time, ms) whenever it changes (another replica's detection extends it).
+                let until_ms = report.quarantined_until.map(|t| {
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64)
+                });
+                if report.state_lost {
+                    history.log("state_lost", json!({ "until_ms": until_ms }));
+                } else if until_ms != quarantine {
+                    history.log("quarantine", json!({ "until_ms": until_ms }));
+                }
+                quarantine = until_ms;
                 for t in &report.started {
                     history.log(
                         "start",
