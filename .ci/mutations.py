@@ -24,6 +24,7 @@ M = [
  ("M17 claim ignores quarantine", "lua/claim.lua", "if now < quarantine then", "if false then"),
  ("M18 epoch change unnoticed", "lua/epoch.lua", "elseif seen ~= '' and current ~= seen then", "elseif false then"),
  ("M19 lease counter not time-based", "lua/claim.lua", "  lease = now * 100\n", "  lease = 0\n"),
+ ("M20 lost counter not time-based", "lua/epoch.lua", "    floor = math.max(floor, now * 100)\n", ""),
  ("M11 strict numbers off", "lua/common.lua", "not string.match(v, '^%d+$')", "false"),
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,8 @@
 -- replica recreated it after such a loss) reports LOST: the quarantine then holds
 -- back every claim until quarantine_until_ms, so tasks of the lost generation can
 -- finish or time out first, and the lease counter is raised past every lease this
--- replica has seen, so no lease number repeats.
+-- replica has seen and, when it is missing, restarted from Redis time in ms x 100 (as
+-- claim.lua does), so no lease number repeats.
 local epoch_key, lease_key = KEYS[1], KEYS[2]
 local seen, new_id = ARGV[1], ARGV[2]
 local quarantine, max_lease = strict_int(ARGV[3]), strict_int(ARGV[4])
@@ -45,8 +46,14 @@ if verdict == 'LOST' then
   if seen ~= '' then
     redis.call('HSET', epoch_key, 'previous_id', seen)
   end
-  if max_lease > (strict_int(last_lease or '0')) then
-    redis.call('SET', lease_key, max_lease)
+  -- A lost counter restarts from Redis time (as in claim.lua), and never below a
+  -- lease this replica saw: others may have handed out leases it never saw.
+  local floor = max_lease
+  if not last_lease then
+    floor = math.max(floor, now * 100)
+  end
+  if floor > strict_int(last_lease or '0') then
+    redis.call('SET', lease_key, floor)
   end
 end
 return {verdict, current, until_ms}

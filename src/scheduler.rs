@@ -525,15 +525,18 @@ impl Scheduler {
                 redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"),
             )
             .await;
-        if let Ok(pair) = reply {
-            if let Some(policy) = pair.get(1).filter(|p| p.starts_with("allkeys-")) {
-                tracing::warn!(
-                    policy,
-                    "redis maxmemory-policy {policy} may evict the slot keys of scheduler {:?}; \
-                     use noeviction or a volatile-* policy",
-                    self.inner.name
-                );
+        match reply {
+            Ok(pair) => {
+                if let Some(policy) = pair.get(1).filter(|p| p.starts_with("allkeys-")) {
+                    tracing::warn!(
+                        policy,
+                        "redis maxmemory-policy {policy} may evict the slot keys of scheduler {:?}; \
+                         use noeviction or a volatile-* policy",
+                        self.inner.name
+                    );
+                }
             }
+            Err(e) => tracing::debug!("could not read maxmemory-policy (not checked): {e}"),
         }
     }
 

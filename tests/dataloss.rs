@@ -179,3 +179,24 @@ async fn claim_in_flight_is_refused_by_the_quarantine() {
     assert!(r2.started.is_empty(), "claimed during the quarantine: {r2:?}");
     assert!(slow.ledger().events.is_empty());
 }
+
+#[tokio::test]
+/// The replica that detects the loss may not have seen the highest leases (another
+/// replica handed them out): the counter it recreates is still above them.
+async fn leases_do_not_repeat_when_the_detector_saw_fewer() {
+    let name = unique_name("leasedetect");
+    let (fa, fb) = (Fake::with_tasks("Jobs", ["a"]), Fake::with_tasks("Jobs", ["b"]));
+    let timeout = Duration::from_millis(300);
+    let a = builder(&name, &fa, 2, timeout).build().await.unwrap();
+    let b = builder(&name, &fb, 2, timeout).build().await.unwrap();
+    let la = a.schedule().await.unwrap().started[0].lease;
+    let lb = b.schedule().await.unwrap().started[0].lease;
+    assert!(lb > la);
+    lose_state(&name).await;
+    // Only `a` (which saw la < lb) ticks: it detects the loss and recreates the counter.
+    assert!(a.schedule().await.unwrap().state_lost);
+    tokio::time::sleep(timeout + Duration::from_millis(50)).await;
+    fa.push(["c"]);
+    let lc = a.schedule().await.unwrap().started[0].lease;
+    assert!(lc > lb, "lease {lc} after the loss repeats one of before ({lb})");
+}
