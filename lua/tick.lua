@@ -1,28 +1,34 @@
 -- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[3] ended zset  KEYS[4] epoch hash
 -- ARGV[1] most due slots to return  ARGV[2] how long ended tasks are remembered (ms)
 -- ARGV[3] "1" to list the idle slots, "0" not to (a later call of the same sweep)
--- Returns  {now_ms, {due slot id, ...}, {idle slot id, ...}, epoch id or "", quarantine_until_ms}
--- (the idle list empty for "0")
+-- ARGV[4] most idle slots to list here: a larger idle set is only counted, and the
+--   caller pages through it with SSCAN (listing 100,000 members in a script blocks
+--   Redis for tens of milliseconds)
+-- Returns  {now_ms, {due slot id, ...}, {idle slot id, ...}, epoch id or "", quarantine_until_ms,
+--           idle count} (the idle list empty for "0", or when the count is over ARGV[4])
 -- The one call of a steady tick: what is due for the sweep and which slots are idle.
 -- Its only write forgets ended tasks older than ARGV[2].
 check_type(KEYS[1], 'zset')
 check_type(KEYS[2], 'set')
 check_type(KEYS[3], 'zset')
 check_type(KEYS[4], 'hash')
-local limit, memory = strict_int(ARGV[1]), strict_int(ARGV[2])
-if limit == nil or memory == nil then
+local limit, memory, inline = strict_int(ARGV[1]), strict_int(ARGV[2]), strict_int(ARGV[4])
+if limit == nil or memory == nil or inline == nil then
   return redis.error_reply('ERR tick: bad arguments')
 end
 local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (now - memory))
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
-local idle = {}
+local idle, idle_count = {}, 0
 if ARGV[3] == '1' then
-  idle = redis.call('SMEMBERS', KEYS[2])
+  idle_count = redis.call('SCARD', KEYS[2])
+  if idle_count <= inline then
+    idle = redis.call('SMEMBERS', KEYS[2])
+  end
 end
 local epoch = redis.call('HMGET', KEYS[4], 'id', 'quarantine_until_ms')
 local quarantine = strict_int(epoch[2] or '0')
 if quarantine == nil then
   corrupt(KEYS[4], 'has a bad field quarantine_until_ms')
 end
-return {now, due, idle, epoch[1] or '', quarantine}
+return {now, due, idle, epoch[1] or '', quarantine, idle_count}

@@ -35,6 +35,10 @@ const SWEEP_CHUNK: usize = 200;
 /// Due slots one tick reads at a time; more are read by a further tick call.
 const MAX_DUE: usize = 10_000;
 
+/// Idle slots the tick script lists itself; beyond that the scheduler pages through
+/// the idle set with SSCAN, so that no script call builds a huge reply.
+const IDLE_LISTED: usize = 1000;
+
 /// Claims per claim script call when filling in batches (`poll_many`): each call
 /// stays around a millisecond of Redis time.
 const CLAIM_CHUNK: usize = 200;
@@ -752,6 +756,31 @@ impl Scheduler {
         self.record_corrupt(&mut report.errors, slot_id, Some(backend), Some(task_id), e);
     }
 
+    /// Every member of the idle set, by SSCAN pages (each a short command).
+    async fn list_idle(&self) -> Result<Vec<String>> {
+        let inner = &self.inner;
+        let mut ids = HashSet::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, page): (u64, Vec<String>) = inner
+                .redis
+                .query(
+                    "listing idle slots",
+                    redis::cmd("SSCAN")
+                        .arg(&inner.keys.idle)
+                        .arg(cursor)
+                        .arg("COUNT")
+                        .arg(IDLE_LISTED),
+                )
+                .await?;
+            ids.extend(page);
+            cursor = next;
+            if cursor == 0 {
+                return Ok(ids.into_iter().collect());
+            }
+        }
+    }
+
     /// Reports a corrupt slot in the tick's errors every time, but logs it (a warning
     /// naming the key) once per replica per distinct problem: a corrupt slot is seen
     /// again by every tick, and would flood the logs.
@@ -995,12 +1024,28 @@ impl Scheduler {
         let inner = &self.inner;
         let ended_memory_ms = inner.stale_after_ms.saturating_mul(2);
         let mut report = ScheduleReport::default();
-        let mut tick = scripts::tick(&inner.redis, &inner.keys, MAX_DUE, ended_memory_ms, true).await?;
+        let mut tick = scripts::tick(
+            &inner.redis,
+            &inner.keys,
+            MAX_DUE,
+            ended_memory_ms,
+            true,
+            IDLE_LISTED,
+        )
+        .await?;
         let known = inner.epoch.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if tick.epoch != known {
             report.state_lost = self.check_epoch().await?;
             self.register_slots().await?;
-            tick = scripts::tick(&inner.redis, &inner.keys, MAX_DUE, ended_memory_ms, true).await?;
+            tick = scripts::tick(
+                &inner.redis,
+                &inner.keys,
+                MAX_DUE,
+                ended_memory_ms,
+                true,
+                IDLE_LISTED,
+            )
+            .await?;
         }
         let quarantined = tick.now_ms < tick.quarantine_until_ms;
         if quarantined {
@@ -1008,6 +1053,10 @@ impl Scheduler {
         }
         let mut clock = Clock::new(tick.now_ms);
         let mut idle: BTreeSet<usize> = BTreeSet::new();
+        if tick.idle_count > tick.idle.len() {
+            // Too many to list inside the tick script: page through the set.
+            tick.idle = self.list_idle().await?;
+        }
         // Bounded, so that slots due again and again (corrupt ones) cannot loop forever.
         for round in 0..10 {
             idle.extend(
@@ -1091,7 +1140,15 @@ impl Scheduler {
             }
             // More due slots: the idle ones are known already (from the first call and
             // from what this sweep freed), so they are not listed again.
-            tick = scripts::tick(&inner.redis, &inner.keys, MAX_DUE, ended_memory_ms, false).await?;
+            tick = scripts::tick(
+                &inner.redis,
+                &inner.keys,
+                MAX_DUE,
+                ended_memory_ms,
+                false,
+                IDLE_LISTED,
+            )
+            .await?;
             clock.saw(tick.now_ms);
         }
         if quarantined {

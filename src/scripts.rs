@@ -299,6 +299,9 @@ pub(crate) struct Tick {
     pub(crate) epoch: String,
     /// No claim before this Redis time (0: none).
     pub(crate) quarantine_until_ms: u64,
+    /// How many slots are idle: more than `idle` lists when the set was too large to
+    /// list inside the script (the caller pages through it with SSCAN).
+    pub(crate) idle_count: usize,
 }
 
 /// `with_idle`: whether to list the idle slots (a sweep's later rounds need not).
@@ -308,6 +311,7 @@ pub(crate) async fn tick(
     max_due: usize,
     ended_memory_ms: u64,
     with_idle: bool,
+    max_idle_listed: usize,
 ) -> Result<Tick> {
     let script = &scripts()?.tick;
     let mut inv = script.call();
@@ -317,18 +321,20 @@ pub(crate) async fn tick(
         .key(&keys.epoch);
     inv.arg(max_due)
         .arg(ended_memory_ms)
-        .arg(if with_idle { "1" } else { "0" });
+        .arg(if with_idle { "1" } else { "0" })
+        .arg(max_idle_listed);
     let value: Value = redis
         .eval("reading due and idle slots", &inv)
         .await
         .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle, &keys.ended, &keys.epoch]))?;
     let parsed = array(&value).and_then(|a| match a {
-        [now, due, idle, epoch, quarantine] => Some(Tick {
+        [now, due, idle, epoch, quarantine, idle_count] => Some(Tick {
             now_ms: int(now)?,
             due: texts(due)?,
             idle: texts(idle)?,
             epoch: text(epoch)?,
             quarantine_until_ms: int(quarantine)?,
+            idle_count: usize::try_from(int(idle_count)?).ok()?,
         }),
         _ => None,
     });

@@ -127,8 +127,25 @@ async fn failed_start_in_a_batch_frees_only_its_slot() {
     assert_eq!(r.idle, 1);
     let h = holders(&s).await;
     assert_eq!(h["2"], None);
-    // b is still pending (its start failed): the next tick starts it.
+    // b is still pending (its start failed): the next tick starts it. (Its release
+    // dated its end; a poll in that very millisecond would be refused as stale.)
     fake.ledger().fail.clear();
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let r = s.schedule().await.unwrap();
     assert_eq!(r.started[0].task_id, "b");
+}
+
+#[tokio::test]
+/// More idle slots than the tick script lists itself (1,000): the scheduler pages
+/// through the idle set, and one schedule() still fills every slot once.
+async fn more_idle_slots_than_the_tick_lists_are_all_filled() {
+    let name = unique_name("manyidle");
+    let fake = batching("Jobs", tasks("t", 1600));
+    let s = builder(&name, &fake, 1500, LONG).build().await.unwrap();
+    let r = s.schedule().await.unwrap();
+    assert_eq!(r.started.len(), 1500, "{:?}", r.errors);
+    assert_eq!(r.idle, 0);
+    let slots: std::collections::BTreeSet<_> = r.started.iter().map(|t| t.slot_id.clone()).collect();
+    assert_eq!(slots.len(), 1500);
+    assert_eq!(fake.ledger().poll_many_calls, [1500]);
 }
