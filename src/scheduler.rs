@@ -33,7 +33,7 @@ const REGISTER_CHUNK: usize = 500;
 const SWEEP_CHUNK: usize = 200;
 
 /// Due slots one tick reads at a time; more are read by a further tick call.
-const MAX_DUE: usize = 10_000;
+const MAX_DUE: usize = 2_000;
 
 /// Idle slots the tick script lists itself; beyond that the scheduler pages through
 /// the idle set with SSCAN, so that no script call builds a huge reply.
@@ -1058,7 +1058,8 @@ impl Scheduler {
             tick.idle = self.list_idle().await?;
         }
         // Bounded, so that slots due again and again (corrupt ones) cannot loop forever.
-        for round in 0..10 {
+        let rounds = inner.slots.len() / MAX_DUE + 2;
+        for round in 0..rounds {
             idle.extend(
                 tick.idle
                     .iter()
@@ -1135,7 +1136,7 @@ impl Scheduler {
                     }
                 }
             }
-            if tick.due.len() < MAX_DUE || round == 9 {
+            if tick.due.len() < MAX_DUE || round + 1 == rounds {
                 break;
             }
             // More due slots: the idle ones are known already (from the first call and
