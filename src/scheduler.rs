@@ -1023,29 +1023,23 @@ impl Scheduler {
     pub async fn schedule(&self) -> Result<ScheduleReport> {
         let inner = &self.inner;
         let ended_memory_ms = inner.stale_after_ms.saturating_mul(2);
-        let mut report = ScheduleReport::default();
-        let mut tick = scripts::tick(
-            &inner.redis,
-            &inner.keys,
-            MAX_DUE,
-            ended_memory_ms,
-            true,
-            IDLE_LISTED,
-        )
-        .await?;
-        let known = inner.epoch.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if tick.epoch != known {
-            report.state_lost = self.check_epoch().await?;
-            self.register_slots().await?;
-            tick = scripts::tick(
+        let read_tick = |with_idle| {
+            scripts::tick(
                 &inner.redis,
                 &inner.keys,
                 MAX_DUE,
                 ended_memory_ms,
-                true,
+                with_idle,
                 IDLE_LISTED,
             )
-            .await?;
+        };
+        let mut report = ScheduleReport::default();
+        let mut tick = read_tick(true).await?;
+        let known = inner.epoch.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if tick.epoch != known {
+            report.state_lost = self.check_epoch().await?;
+            self.register_slots().await?;
+            tick = read_tick(true).await?;
         }
         let quarantined = tick.now_ms < tick.quarantine_until_ms;
         if quarantined {
@@ -1141,15 +1135,7 @@ impl Scheduler {
             }
             // More due slots: the idle ones are known already (from the first call and
             // from what this sweep freed), so they are not listed again.
-            tick = scripts::tick(
-                &inner.redis,
-                &inner.keys,
-                MAX_DUE,
-                ended_memory_ms,
-                false,
-                IDLE_LISTED,
-            )
-            .await?;
+            tick = read_tick(false).await?;
             clock.saw(tick.now_ms);
         }
         if quarantined {
