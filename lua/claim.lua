@@ -24,23 +24,21 @@ local claims = {}
 for i = 1, n do
   local a = 1 + 5 * (i - 1)
   local c = {slot_key = KEYS[6 + i], slot_id = ARGV[a + 1], task_id = ARGV[a + 2],
-    backend = ARGV[a + 3], timeout = strict_int(ARGV[a + 4]), polled_at = strict_int(ARGV[a + 5])}
+    backend = ARGV[a + 3], timeout_s = ARGV[a + 4], timeout = strict_int(ARGV[a + 4]),
+    polled_at = strict_int(ARGV[a + 5])}
   if c.timeout == nil or c.polled_at == nil or c.task_id == '' then
     return redis.error_reply('ERR claim: bad arguments')
   end
   claims[i] = c
 end
-check_type(tasks_key, 'hash')
+-- The keys the claims read are type-checked by those reads; the others here.
 check_type(deadlines_key, 'zset')
 check_type(idle_key, 'set')
-check_type(ended_key, 'zset')
-check_type(lease_key, 'string')
-check_type(epoch_key, 'hash')
-local quarantine = strict_int(redis.call('HGET', epoch_key, 'quarantine_until_ms') or '0')
+local quarantine = strict_int(read_checked('hash', 'HGET', epoch_key, 'quarantine_until_ms') or '0')
 if quarantine == nil then
   corrupt(epoch_key, 'has a bad field quarantine_until_ms')
 end
-local last_lease = redis.call('GET', lease_key)
+local last_lease = read_checked('string', 'GET', lease_key)
 if last_lease and strict_int(last_lease) == nil then
   corrupt(lease_key, 'holds a non-number')
 end
@@ -48,6 +46,13 @@ if last_lease and strict_int(last_lease) + n > MAX_INT then
   -- The next lease would not be readable back: refuse before writing anything.
   corrupt(lease_key, 'is exhausted (' .. last_lease .. ')')
 end
+-- Whether each task holds a slot already, and when it last ended: one call each.
+local ids = {}
+for i = 1, n do
+  ids[i] = claims[i].task_id
+end
+local holders = read_checked('hash', 'HMGET', tasks_key, unpack(ids))
+local ended = read_checked('zset', 'ZMSCORE', ended_key, unpack(ids))
 -- Only an idle slot is claimed, so its state field is all a claim reads of an idle
 -- slot; any other slot (rare: the caller saw it idle) is read and checked whole.
 for i = 1, n do
@@ -62,15 +67,18 @@ for i = 1, n do
 end
 
 local now = now_ms()
+local now_s = int_s(now)
 local out = {now}
 local taken, held = {}, {}
--- Writes to the shared keys are gathered and sent once at the end.
+-- Writes to the shared keys are gathered and sent once at the end. Numbers become
+-- strings once (a Lua number passed to redis.call is formatted each time).
 local lease = strict_int(last_lease or '0')
 if not last_lease then
   lease = now * 100
 end
 local first_lease = lease
 local not_idle, new_tasks, new_deadlines, reused = {}, {}, {}, {}
+local deadline_of = {}
 for i = 1, n do
   local c = claims[i]
   local status
@@ -84,10 +92,10 @@ for i = 1, n do
     status = 'SLOT_BUSY'
   elseif taken[c.slot_key] then
     status = 'SLOT_BUSY'
-  elseif held[c.task_id] or redis.call('HEXISTS', tasks_key, c.task_id) == 1 then
+  elseif held[c.task_id] or holders[i] then
     status = 'TASK_BUSY'
   else
-    local ended_at = redis.call('ZSCORE', ended_key, c.task_id)
+    local ended_at = ended[i]
     if now - c.polled_at > stale_after or (ended_at and tonumber(ended_at) >= c.polled_at) then
       status = 'STALE'
     end
@@ -97,10 +105,15 @@ for i = 1, n do
     out[#out + 1] = 0
   else
     lease = lease + 1
-    local deadline = now + c.timeout
+    local deadline = deadline_of[c.timeout]
+    if not deadline then
+      deadline = int_s(now + c.timeout)
+      deadline_of[c.timeout] = deadline
+    end
+    local lease_s = int_s(lease)
     redis.call('HSET', c.slot_key, 'state', 'busy', 'task_id', c.task_id, 'backend', c.backend,
-      'lease', lease, 'started_at_ms', now, 'last_keepalive_at_ms', now,
-      'deadline_ms', deadline, 'timeout_ms', c.timeout)
+      'lease', lease_s, 'started_at_ms', now_s, 'last_keepalive_at_ms', now_s,
+      'deadline_ms', deadline, 'timeout_ms', c.timeout_s)
     taken[c.slot_key] = true
     held[c.task_id] = true
     new_tasks[#new_tasks + 1] = c.task_id
@@ -114,7 +127,7 @@ for i = 1, n do
   end
 end
 if lease ~= first_lease then
-  redis.call('SET', lease_key, lease)
+  redis.call('SET', lease_key, int_s(lease))
   redis.call('HSET', tasks_key, unpack(new_tasks))
   redis.call('ZADD', deadlines_key, unpack(new_deadlines))
   redis.call('ZREM', ended_key, unpack(reused))

@@ -14,6 +14,17 @@ check_type(KEYS[2], 'set')
 check_type(KEYS[3], 'hash')
 check_type(KEYS[4], 'zset')
 local now = now_ms()
+local now_s = int_s(now)
+-- now + timeout as a string, formatted once per distinct timeout.
+local reclaim_of = {}
+local function reclaim_at(timeout)
+  local r = reclaim_of[timeout]
+  if not r then
+    r = int_s(now + timeout)
+    reclaim_of[timeout] = r
+  end
+  return r
+end
 
 local n = #KEYS - 4
 local slots, reasons = {}, {}
@@ -32,20 +43,20 @@ for i = 1, n do
     -- A stale deadline of an idle slot (a hand edit, or a lost reply): drop it.
     stale_deadlines[#stale_deadlines + 1] = id
   elseif s.state == 'busy' and s.deadline_ms <= now then
-    local reclaim_at = now + s.timeout_ms
+    local reclaim = reclaim_at(s.timeout_ms)
     redis.call('HSET', key, 'state', 'stopping', 'stopping_reason', 'timeout',
-      'stopped_at_ms', now, 'reclaim_at_ms', reclaim_at)
-    new_deadlines[#new_deadlines + 1] = reclaim_at
+      'stopped_at_ms', now_s, 'reclaim_at_ms', reclaim)
+    new_deadlines[#new_deadlines + 1] = reclaim
     new_deadlines[#new_deadlines + 1] = id
     expired_tasks[#expired_tasks + 1] = s.task_id
     expired_slots[#expired_slots + 1] = id
-    ended[#ended + 1] = now
+    ended[#ended + 1] = now_s
     ended[#ended + 1] = s.task_id
     out[#out + 1] = {id, 'timed_out', s.task_id, s.backend, s.lease, s.deadline_ms}
   elseif s.state == 'stopping' and s.reclaim_at_ms <= now then
-    local reclaim_at = now + s.timeout_ms
-    redis.call('HSET', key, 'reclaim_at_ms', reclaim_at)
-    new_deadlines[#new_deadlines + 1] = reclaim_at
+    local reclaim = reclaim_at(s.timeout_ms)
+    redis.call('HSET', key, 'reclaim_at_ms', reclaim)
+    new_deadlines[#new_deadlines + 1] = reclaim
     new_deadlines[#new_deadlines + 1] = id
     out[#out + 1] = {id, 'reclaimed', s.task_id, s.backend, s.lease, s.stopping_reason or ''}
   end
