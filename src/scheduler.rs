@@ -883,6 +883,31 @@ impl Scheduler {
         }
     }
 
+    /// One claim call for a chunk of (slot index, backend position, task id) of the
+    /// backend `name`, polled at `polled_at_ms`.
+    async fn claim_chunk(
+        &self,
+        chunk: &[(usize, usize, String)],
+        name: &str,
+        polled_at_ms: u64,
+    ) -> Result<(u64, Vec<Claim>)> {
+        let inner = &self.inner;
+        let args: Vec<ClaimArgs<'_>> = chunk
+            .iter()
+            .map(|(index, _, id)| {
+                let slot = &inner.slots[*index];
+                ClaimArgs {
+                    slot_id: &slot.config.slot_id,
+                    task_id: id,
+                    backend: name,
+                    timeout_ms: slot.config.timeout_ms(),
+                    polled_at_ms,
+                }
+            })
+            .collect();
+        scripts::claim(&inner.redis, &inner.keys, inner.stale_after_ms, &args).await
+    }
+
     /// Fills idle slots. Slots whose next backend provides `poll_many` are served in
     /// batches: one `poll_many` per backend and one claim script call per
     /// [`CLAIM_CHUNK`] slots; the others poll slot by slot, in config order.
@@ -967,42 +992,49 @@ impl Scheduler {
             for (b, claims) in claims {
                 let name = inner.backends[b].name();
                 let polled_at_ms = polled.get(&b).map_or(0, |(at, _)| *at);
-                for chunk in claims.chunks(CLAIM_CHUNK) {
-                    let args: Vec<ClaimArgs<'_>> = chunk
-                        .iter()
-                        .map(|(index, _, id)| {
-                            let slot = &inner.slots[*index];
-                            ClaimArgs {
-                                slot_id: &slot.config.slot_id,
-                                task_id: id,
-                                backend: name,
-                                timeout_ms: slot.config.timeout_ms(),
-                                polled_at_ms,
-                            }
-                        })
-                        .collect();
-                    let (now_ms, outcomes) =
-                        scripts::claim(&inner.redis, &inner.keys, inner.stale_after_ms, &args).await?;
+                let claim_chunk = |chunk| self.claim_chunk(chunk, name, polled_at_ms);
+                // Pipelined: the claim call of the next chunk runs in Redis while this
+                // chunk's start callbacks run here (both cores busy, not one in turn).
+                let chunks: Vec<&[(usize, usize, String)]> = claims.chunks(CLAIM_CHUNK).collect();
+                let mut claimed = match chunks.first() {
+                    Some(first) => Some(claim_chunk(first).await?),
+                    None => None,
+                };
+                for (i, chunk) in chunks.iter().enumerate() {
+                    let Some((now_ms, outcomes)) = claimed.take() else {
+                        break;
+                    };
                     clock.saw(now_ms);
-                    for ((index, pos, id), outcome) in chunk.iter().zip(outcomes) {
-                        match outcome {
-                            Claim::Ok { lease } => {
-                                if !self
-                                    .start_claimed(*index, b, id.clone(), lease, clock, report)
-                                    .await
-                                {
+                    let next = async {
+                        match chunks.get(i + 1) {
+                            Some(next) => Some(claim_chunk(next).await),
+                            None => None,
+                        }
+                    };
+                    let start = async {
+                        for ((index, pos, id), outcome) in chunk.iter().zip(outcomes) {
+                            match outcome {
+                                Claim::Ok { lease } => {
+                                    if !self
+                                        .start_claimed(*index, b, id.clone(), lease, clock, report)
+                                        .await
+                                    {
+                                        left += 1;
+                                    }
+                                }
+                                Claim::TaskBusy | Claim::Stale => todo.push((*index, pos + 1)),
+                                Claim::Corrupt(why) => {
+                                    let slot_id = inner.slots[*index].config.slot_id.as_str();
+                                    self.corrupt_claim(slot_id, name, id, why, report);
                                     left += 1;
                                 }
+                                Claim::SlotBusy | Claim::Quarantine => left += 1,
                             }
-                            Claim::TaskBusy | Claim::Stale => todo.push((*index, pos + 1)),
-                            Claim::Corrupt(why) => {
-                                let slot_id = inner.slots[*index].config.slot_id.as_str();
-                                self.corrupt_claim(slot_id, name, id, why, report);
-                                left += 1;
-                            }
-                            Claim::SlotBusy | Claim::Quarantine => left += 1,
                         }
-                    }
+                    };
+                    // The claim first, so that its request is sent before the callbacks run.
+                    let (next, ()) = tokio::join!(next, start);
+                    claimed = next.transpose()?;
                 }
             }
             todo.sort_unstable();
@@ -1059,76 +1091,44 @@ impl Scheduler {
                     .iter()
                     .filter_map(|id| inner.slot_index.get(id).copied()),
             );
-            for chunk in tick.due.chunks(SWEEP_CHUNK) {
-                let (now_ms, swept) = scripts::sweep(&inner.redis, &inner.keys, chunk).await?;
+            // Pipelined: the sweep call of the next chunk runs in Redis while the
+            // callbacks of this one run here. (If this chunk's free fails, the next
+            // chunk's slots wait for their reclaim, as after a crash.)
+            let chunks: Vec<&[String]> = tick.due.chunks(SWEEP_CHUNK).collect();
+            let mut swept = match chunks.first() {
+                Some(first) => Some(scripts::sweep(&inner.redis, &inner.keys, first).await?),
+                None => None,
+            };
+            for i in 0..chunks.len() {
+                let Some((now_ms, items)) = swept.take() else {
+                    break;
+                };
                 clock.saw(now_ms);
-                let mut to_free = Vec::new();
-                for item in swept {
-                    match item {
-                        Swept::TimedOut {
-                            slot_id,
-                            task_id,
-                            backend,
-                            lease,
-                        } => {
-                            self.forget(&task_id);
-                            self.saw_lease(lease);
-                            if self
-                                .finish(&slot_id, &task_id, &backend, lease, true, &mut report.errors)
-                                .await
-                            {
-                                to_free.push((slot_id.clone(), lease));
-                            }
-                            let at = from_ms(now_ms);
-                            report.timed_out.push(SlotTask {
-                                slot_id,
-                                task_id,
-                                backend,
-                                lease,
-                                at,
-                            });
-                        }
-                        Swept::Reclaimed {
-                            slot_id,
-                            task_id,
-                            backend,
-                            lease,
-                            timed_out,
-                        } => {
-                            tracing::warn!(
-                                slot_id,
-                                task_id,
-                                lease,
-                                "reclaiming a slot whose callbacks never finished: running them again"
-                            );
-                            // At least once: the callbacks run again here (the lease is
-                            // their dedupe key), and the slot is freed whatever they say.
-                            self.finish(&slot_id, &task_id, &backend, lease, timed_out, &mut report.errors)
-                                .await;
-                            to_free.push((slot_id.clone(), lease));
-                            let at = from_ms(now_ms);
-                            report.reclaimed.push(SlotTask {
-                                slot_id,
-                                task_id,
-                                backend,
-                                lease,
-                                at,
-                            });
-                        }
-                        Swept::Corrupt { slot_id, why } => {
-                            let msg = format!("key {} {why}", inner.keys.slot(&slot_id));
-                            self.record_corrupt(&mut report.errors, &slot_id, None, None, msg);
-                        }
+                let next = async {
+                    match chunks.get(i + 1) {
+                        Some(next) => Some(scripts::sweep(&inner.redis, &inner.keys, next).await),
+                        None => None,
                     }
-                }
-                if !to_free.is_empty() {
+                };
+                let finished = async {
+                    let to_free = self.finish_swept(now_ms, items, &mut report).await;
+                    if to_free.is_empty() {
+                        return Ok(Vec::new());
+                    }
                     let freed = scripts::free(&inner.redis, &inner.keys, &to_free).await?;
-                    for ((slot_id, _), freed) in to_free.iter().zip(freed) {
-                        if freed {
-                            idle.extend(inner.slot_index.get(slot_id).copied());
-                        }
-                    }
+                    Ok::<_, Error>(
+                        to_free
+                            .into_iter()
+                            .zip(freed)
+                            .filter_map(|((slot_id, _), freed)| freed.then_some(slot_id))
+                            .collect::<Vec<_>>(),
+                    )
+                };
+                let (next, freed) = tokio::join!(next, finished);
+                for slot_id in freed? {
+                    idle.extend(inner.slot_index.get(&slot_id).copied());
                 }
+                swept = next.transpose()?;
             }
             if tick.due.len() < MAX_DUE || round + 1 == rounds {
                 break;
@@ -1146,6 +1146,78 @@ impl Scheduler {
             .fill(idle.into_iter().collect(), &mut clock, &mut report)
             .await?;
         Ok(report)
+    }
+
+    /// Runs the callbacks of what one sweep call took (`timeout_callback` then
+    /// `stop_callback` of each timed-out hold; both again for a reclaimed one), and
+    /// records it in `report`. Returns the (slot, lease) pairs to free.
+    async fn finish_swept(
+        &self,
+        now_ms: u64,
+        swept: Vec<Swept>,
+        report: &mut ScheduleReport,
+    ) -> Vec<(String, u64)> {
+        let inner = &self.inner;
+        let mut to_free = Vec::new();
+        for item in swept {
+            match item {
+                Swept::TimedOut {
+                    slot_id,
+                    task_id,
+                    backend,
+                    lease,
+                } => {
+                    self.forget(&task_id);
+                    self.saw_lease(lease);
+                    if self
+                        .finish(&slot_id, &task_id, &backend, lease, true, &mut report.errors)
+                        .await
+                    {
+                        to_free.push((slot_id.clone(), lease));
+                    }
+                    let at = from_ms(now_ms);
+                    report.timed_out.push(SlotTask {
+                        slot_id,
+                        task_id,
+                        backend,
+                        lease,
+                        at,
+                    });
+                }
+                Swept::Reclaimed {
+                    slot_id,
+                    task_id,
+                    backend,
+                    lease,
+                    timed_out,
+                } => {
+                    tracing::warn!(
+                        slot_id,
+                        task_id,
+                        lease,
+                        "reclaiming a slot whose callbacks never finished: running them again"
+                    );
+                    // At least once: the callbacks run again here (the lease is
+                    // their dedupe key), and the slot is freed whatever they say.
+                    self.finish(&slot_id, &task_id, &backend, lease, timed_out, &mut report.errors)
+                        .await;
+                    to_free.push((slot_id.clone(), lease));
+                    let at = from_ms(now_ms);
+                    report.reclaimed.push(SlotTask {
+                        slot_id,
+                        task_id,
+                        backend,
+                        lease,
+                        at,
+                    });
+                }
+                Swept::Corrupt { slot_id, why } => {
+                    let msg = format!("key {} {why}", inner.keys.slot(&slot_id));
+                    self.record_corrupt(&mut report.errors, &slot_id, None, None, msg);
+                }
+            }
+        }
+        to_free
     }
 
     /// Pushes the task's deadline to now + its slot's timeout (Redis time), then
