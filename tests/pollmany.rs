@@ -149,3 +149,30 @@ async fn more_idle_slots_than_the_tick_lists_are_all_filled() {
     assert_eq!(slots.len(), 1500);
     assert_eq!(fake.ledger().poll_many_calls, [1500]);
 }
+
+#[tokio::test]
+/// A stale poll refuses only its own task in a batch: replica B polls [T, F] and
+/// stalls; A starts and stops T meanwhile; B's batched claim refuses T and starts F.
+async fn stale_task_in_a_batch_does_not_refuse_the_others() {
+    let name = unique_name("batchstale");
+    let a = Fake::with_tasks("Jobs", ["T"]);
+    let mut b = batching("Jobs", ["T", "F"]);
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    b.poll_gate = Some(gate.clone());
+    let ra = builder(&name, &a, 1, LONG).build().await.unwrap();
+    let rb = builder(&name, &b, 2, LONG).build().await.unwrap();
+
+    // B asks for 2 tasks, gets [T, F], then waits at the gate before claiming.
+    let stalled = tokio::spawn(async move { rb.schedule().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Meanwhile A starts T in slot 1 and T finishes (A has nothing to refill with).
+    assert_eq!(ra.schedule().await.unwrap().started.len(), 1);
+    ra.stop("T").await.unwrap();
+    gate.add_permits(100);
+    let report = stalled.await.unwrap();
+    let started: Vec<&str> = report.started.iter().map(|t| t.task_id.as_str()).collect();
+    assert_eq!(started, ["F"], "{:?}", report.errors);
+    assert_eq!(b.ledger().poll_many_calls, [2]);
+    assert_eq!(a.ledger().starts["T"], 1);
+    assert_eq!(b.ledger().starts.get("T"), None);
+}
