@@ -27,7 +27,7 @@ M = [
  ("M20 lost counter not time-based", "lua/epoch.lua", "    floor = math.max(floor, now * 100)\n", ""),
  ("M21 claim's reads not type-checked", "lua/common.lua", "  if type(r) == 'table' and r.err then\n    check_type(key, want)", "  if false then\n    check_type(key, want)"),
  ("M22 claim's stale check reads the wrong task", "lua/claim.lua", "    local ended_at = ended[i]", "    local ended_at = ended[1]"),
- ("M11 strict numbers off", "lua/common.lua", "not string.match(v, '^%d+$')", "false"),
+ ("M11 strict numbers off", "lua/common.lua", "not not string.match(v, '^%d+$')", "true"),
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP = os.path.join(tempfile.gettempdir(), "task-semaphore-mutation.bak")

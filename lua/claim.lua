@@ -20,12 +20,22 @@ local n = #KEYS - 6
 if stale_after == nil or #ARGV ~= 1 + 5 * n then
   return redis.error_reply('ERR claim: bad arguments')
 end
+-- Timeouts and poll times repeat across a batch: each distinct string parsed once.
+local parsed = {}
+local function int_arg(v)
+  local x = parsed[v]
+  if x == nil then
+    x = strict_int(v) or false
+    parsed[v] = x
+  end
+  return x or nil
+end
 local claims = {}
 for i = 1, n do
   local a = 1 + 5 * (i - 1)
   local c = {slot_key = KEYS[6 + i], slot_id = ARGV[a + 1], task_id = ARGV[a + 2],
-    backend = ARGV[a + 3], timeout_s = ARGV[a + 4], timeout = strict_int(ARGV[a + 4]),
-    polled_at = strict_int(ARGV[a + 5])}
+    backend = ARGV[a + 3], timeout_s = ARGV[a + 4], timeout = int_arg(ARGV[a + 4]),
+    polled_at = int_arg(ARGV[a + 5])}
   if c.timeout == nil or c.polled_at == nil or c.task_id == '' then
     return redis.error_reply('ERR claim: bad arguments')
   end

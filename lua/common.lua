@@ -43,15 +43,24 @@ local function int_s(v)
   return string.format('%d', v)
 end
 
--- A strict unsigned integer: digits only, at most 15 of them (exact in a Lua double).
+-- Whether v is a strict unsigned integer: digits only, at most 15 of them (exact in
+-- a Lua double).
+local function is_int(v)
+  return type(v) == 'string' and #v > 0 and #v <= 15 and not not string.match(v, '^%d+$')
+end
+
+-- A strict unsigned integer (see is_int) as a number, or nil.
 local function strict_int(v)
-  if type(v) ~= 'string' or #v == 0 or #v > 15 or not string.match(v, '^%d+$') then
+  if not is_int(v) then
     return nil
   end
   return tonumber(v)
 end
 
-local TIME_FIELDS = {'lease', 'started_at_ms', 'last_keepalive_at_ms', 'deadline_ms', 'timeout_ms'}
+-- Numeric fields of a held slot: these are parsed; the others only checked (parsing
+-- a 13-digit number costs more than the rest of a slot's checks together).
+local TIME_FIELDS = {'lease', 'deadline_ms', 'timeout_ms'}
+local CHECKED_FIELDS = {'started_at_ms', 'last_keepalive_at_ms'}
 
 -- Reads and validates a slot hash (one HGETALL: a single pass over a small hash,
 -- where HMGET of ten fields searches it ten times). Returns the slot as a table
@@ -80,6 +89,11 @@ local function read_slot(key)
       return nil, 'has a bad or missing field ' .. f
     end
     s[f] = n
+  end
+  for _, f in ipairs(CHECKED_FIELDS) do
+    if not is_int(s[f]) then
+      return nil, 'has a bad or missing field ' .. f
+    end
   end
   if s.task_id == nil or s.task_id == '' or s.backend == nil then
     return nil, 'has no task_id or backend'
