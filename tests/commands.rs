@@ -190,10 +190,11 @@ async fn commands_per_operation_with_1000_slots() {
     assert_eq!(total(&stop_empty), 2, "{stop_empty:?}"); // release, free
                                                          // TIME, GET lease, HMGET epoch, N x HGETALL: one round trip.
     assert_eq!(total(&inspect), 3 + N as u64, "{inspect:?}");
-    // tick + 5 sweep chunks + 5 free chunks (200 slots each) + N claims.
-    assert_eq!(total(&sweep), 1 + 5 + 5 + N as u64, "{sweep:?}");
+    // tick + 10 sweep chunks + 10 free chunks (100 slots each) + N claims.
+    assert_eq!(total(&sweep), 1 + 10 + 10 + N as u64, "{sweep:?}");
     // 1 tick + 5 claim chunks; the refill after a sweep the same.
     assert_eq!(total(&fill_batch), 1 + 5, "{fill_batch:?}");
-    assert_eq!(total(&sweep_batch), 1 + 5 + 5 + 5, "{sweep_batch:?}");
+    // tick + 10 sweep chunks + 10 free chunks + 5 claim chunks (200 slots each).
+    assert_eq!(total(&sweep_batch), 1 + 10 + 10 + 5, "{sweep_batch:?}");
     drop(server);
 }

@@ -1066,6 +1066,16 @@ fn row(label: &str, cells: impl IntoIterator<Item = String>) -> Vec<String> {
 }
 
 impl Report {
+    /// One round trip: the p50 latency of a keepalive with 1 caller (one EVALSHA),
+    /// the unit of the slot-by-slot fill's target.
+    fn keepalive_p50_us(&self) -> Option<f64> {
+        self.throughput
+            .iter()
+            .find(|r| matches!(r.op, Op::Keepalive) && r.callers == 1)
+            .map(|r| r.p50_us)
+            .filter(|&us| us > 0.0)
+    }
+
     /// The readable tables.
     fn text(&self) -> String {
         let mut out = format!(
@@ -1142,6 +1152,13 @@ impl Report {
                 row(
                     "  per slot, µs",
                     cells(&|size| format!("{:.1}", size.median.fill_ms * 1000.0 / size.n as f64)),
+                ),
+                row(
+                    "  per slot / one keepalive round trip",
+                    cells(&|size| match self.keepalive_p50_us() {
+                        Some(rt) => format!("{:.2}", size.median.fill_ms * 1000.0 / size.n as f64 / rt),
+                        None => "n/a".to_owned(),
+                    }),
                 ),
                 row("  EVALSHA", cell(&|r| thousands(r.fill_evalsha))),
                 row(
@@ -1226,6 +1243,9 @@ impl Report {
                     "slots": size.n, "runs": size.runs, "peak_rss_kib_so_far": size.peak_rss_kib,
                     "build_ms": r.build_ms,
                     "fill_ms": r.fill_ms, "fill_evalsha": r.fill_evalsha,
+                    "fill_per_slot_to_keepalive_p50": self
+                        .keepalive_p50_us()
+                        .map(|rt| r.fill_ms * 1000.0 / size.n as f64 / rt),
                     "steady_tick_ms": r.tick_ms, "steady_tick_evalsha": r.tick_evalsha,
                     "fill_poll_many_ms": r.batch_fill_ms, "fill_poll_many_evalsha": r.batch_fill_evalsha,
                     "fill_poll_many_slowest_script_ms": r.batch_fill_slowest_ms,
