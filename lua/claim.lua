@@ -131,7 +131,10 @@ for i = 1, n do
     new_deadlines[#new_deadlines + 1] = deadline
     new_deadlines[#new_deadlines + 1] = c.slot_id
     not_idle[#not_idle + 1] = c.slot_id
-    reused[#reused + 1] = c.task_id
+    if ended[i] then
+      -- A task that ended before (re-queued) is no longer "recently ended".
+      reused[#reused + 1] = c.task_id
+    end
     out[#out + 1] = 'OK'
     out[#out + 1] = lease
   end
@@ -140,7 +143,9 @@ if lease ~= first_lease then
   redis.call('SET', lease_key, int_s(lease))
   redis.call('HSET', tasks_key, unpack(new_tasks))
   redis.call('ZADD', deadlines_key, unpack(new_deadlines))
-  redis.call('ZREM', ended_key, unpack(reused))
+  if #reused > 0 then
+    redis.call('ZREM', ended_key, unpack(reused))
+  end
 end
 if #not_idle > 0 then
   redis.call('SREM', idle_key, unpack(not_idle))
