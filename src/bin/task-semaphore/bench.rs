@@ -41,6 +41,8 @@ const STALE_AFTER_MS: u64 = 60_000;
 const MAX_OPS_PER_CALLER: usize = 1_000_000;
 /// Library operations run one by one to count EVALSHA per operation.
 const COUNTED_OPS: usize = 1000;
+/// Keepalives sent one by one after the slot-by-slot fill to measure one round trip.
+const ROUND_TRIPS: usize = 1000;
 /// Steady ticks timed at each size, after as many untimed ones: right after a large
 /// fill, every command (even TIME on another connection) is slower for ~20 ms.
 const STEADY_TICKS: usize = 20;
@@ -745,6 +747,9 @@ async fn throughput(server: &Server, s: &Settings) -> Result<(Vec<ThroughputRow>
 struct SizeRun {
     build_ms: f64,
     fill_ms: f64,
+    /// Median latency of keepalives sent one by one right after the slot-by-slot
+    /// fill, on its scheduler and tasks: the round trip the fill is measured against.
+    keepalive_rt_us: f64,
     fill_evalsha: f64,
     tick_ms: f64,
     tick_evalsha: f64,
@@ -804,6 +809,14 @@ async fn size_run(server: &Server, n: usize, timeout: Duration) -> Result<Option
         ));
     }
     let after_fill = server.used_memory().await?;
+    // One round trip, in the same conditions: keepalives one by one.
+    let mut round_trips = Vec::with_capacity(ROUND_TRIPS);
+    for task in fill.started.iter().take(ROUND_TRIPS) {
+        let t = Instant::now();
+        scheduler.keepalive(&task.task_id).await.map_err(fail)?;
+        round_trips.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let keepalive_rt_us = median(round_trips);
     // Every deadline is a claim's Redis time plus the timeout.
     drop(fill); // so that the bench's peak RSS is mostly the scheduler's
 
@@ -876,6 +889,7 @@ async fn size_run(server: &Server, n: usize, timeout: Duration) -> Result<Option
     Ok(Some(SizeRun {
         build_ms,
         fill_ms,
+        keepalive_rt_us,
         fill_evalsha: fill_evalsha as f64,
         tick_ms: median(ticks.split_off(STEADY_TICKS)),
         tick_evalsha,
@@ -941,6 +955,7 @@ async fn sizes(server: &Server, s: &Settings) -> Result<Vec<SizeRow>, String> {
         let median = SizeRun {
             build_ms: med(|r| r.build_ms),
             fill_ms: med(|r| r.fill_ms),
+            keepalive_rt_us: med(|r| r.keepalive_rt_us),
             fill_evalsha: med(|r| r.fill_evalsha),
             tick_ms: med(|r| r.tick_ms),
             tick_evalsha: med(|r| r.tick_evalsha),
@@ -948,12 +963,12 @@ async fn sizes(server: &Server, s: &Settings) -> Result<Vec<SizeRow>, String> {
             fill_bytes_per_slot: med(|r| r.fill_bytes_per_slot),
             batch_fill_ms: med(|r| r.batch_fill_ms),
             batch_fill_evalsha: med(|r| r.batch_fill_evalsha),
-            batch_fill_slowest_ms: (!fill_slowest.is_empty()).then(|| median(fill_slowest)),
+            batch_fill_slowest_ms: fill_slowest.into_iter().reduce(f64::max),
             batch_fill_redis_ms: med(|r| r.batch_fill_redis_ms),
             sweep_redis_ms: med(|r| r.sweep_redis_ms),
             sweep_ms: med(|r| r.sweep_ms),
             sweep_evalsha: med(|r| r.sweep_evalsha),
-            slowest_ms: (!slowest.is_empty()).then(|| median(slowest)),
+            slowest_ms: slowest.into_iter().reduce(f64::max),
             swept: med(|r| r.swept),
             refilled: med(|r| r.refilled),
         };
@@ -1066,16 +1081,6 @@ fn row(label: &str, cells: impl IntoIterator<Item = String>) -> Vec<String> {
 }
 
 impl Report {
-    /// One round trip: the p50 latency of a keepalive with 1 caller (one EVALSHA),
-    /// the unit of the slot-by-slot fill's target.
-    fn keepalive_p50_us(&self) -> Option<f64> {
-        self.throughput
-            .iter()
-            .find(|r| matches!(r.op, Op::Keepalive) && r.callers == 1)
-            .map(|r| r.p50_us)
-            .filter(|&us| us > 0.0)
-    }
-
     /// The readable tables.
     fn text(&self) -> String {
         let mut out = format!(
@@ -1154,10 +1159,14 @@ impl Report {
                     cells(&|size| format!("{:.1}", size.median.fill_ms * 1000.0 / size.n as f64)),
                 ),
                 row(
-                    "  per slot / one keepalive round trip",
-                    cells(&|size| match self.keepalive_p50_us() {
-                        Some(rt) => format!("{:.2}", size.median.fill_ms * 1000.0 / size.n as f64 / rt),
-                        None => "n/a".to_owned(),
+                    "  one keepalive round trip beside it, µs",
+                    cell(&|r| format!("{:.1}", r.keepalive_rt_us)),
+                ),
+                row(
+                    "  per slot / that round trip",
+                    cells(&|size| {
+                        let r = &size.median;
+                        format!("{:.2}", r.fill_ms * 1000.0 / size.n as f64 / r.keepalive_rt_us)
                     }),
                 ),
                 row("  EVALSHA", cell(&|r| thousands(r.fill_evalsha))),
@@ -1175,7 +1184,7 @@ impl Report {
                     cell(&|r| format!("{:.1}", r.batch_fill_redis_ms)),
                 ),
                 row(
-                    "  slowest script call, ms",
+                    "  slowest script call (all runs), ms",
                     cell(&|r| slowest(r.batch_fill_slowest_ms)),
                 ),
                 row("  EVALSHA", cell(&|r| thousands(r.batch_fill_evalsha))),
@@ -1187,7 +1196,10 @@ impl Report {
                     "  of which inside Redis, ms",
                     cell(&|r| format!("{:.1}", r.sweep_redis_ms)),
                 ),
-                row("  slowest script call, ms", cell(&|r| slowest(r.slowest_ms))),
+                row(
+                    "  slowest script call (all runs), ms",
+                    cell(&|r| slowest(r.slowest_ms)),
+                ),
                 row("  EVALSHA", cell(&|r| thousands(r.sweep_evalsha))),
                 row(
                     "  slots swept / refilled",
@@ -1243,9 +1255,8 @@ impl Report {
                     "slots": size.n, "runs": size.runs, "peak_rss_kib_so_far": size.peak_rss_kib,
                     "build_ms": r.build_ms,
                     "fill_ms": r.fill_ms, "fill_evalsha": r.fill_evalsha,
-                    "fill_per_slot_to_keepalive_p50": self
-                        .keepalive_p50_us()
-                        .map(|rt| r.fill_ms * 1000.0 / size.n as f64 / rt),
+                    "keepalive_round_trip_us": r.keepalive_rt_us,
+                    "fill_per_slot_to_round_trip": r.fill_ms * 1000.0 / size.n as f64 / r.keepalive_rt_us,
                     "steady_tick_ms": r.tick_ms, "steady_tick_evalsha": r.tick_evalsha,
                     "fill_poll_many_ms": r.batch_fill_ms, "fill_poll_many_evalsha": r.batch_fill_evalsha,
                     "fill_poll_many_slowest_script_ms": r.batch_fill_slowest_ms,
