@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint doc mutants bench chaos redis-server docker-or-redis-server faketime
+.PHONY: demo test lint doc mutants bench script-cost chaos redis-server docker-or-redis-server faketime valgrind
 
 ## Runs the main job: a scheduler over a simulated backlog (REDIS_URL or a throwaway redis-server).
 demo: redis-server
@@ -26,6 +26,12 @@ mutants: docker-or-redis-server
 ## Measures throughput, latency, tick cost and memory (REDIS_URL or a throwaway redis-server; a few minutes).
 bench: redis-server
 	$(CARGO) run --release --locked --bin task-semaphore -- bench
+
+## Instructions each Lua script costs inside Redis (callgrind: repeatable where time is not).
+## SCRIPT_COST_ARGS are the options of `task-semaphore workload`.
+SCRIPT_COST_ARGS ?= --slots 1000 --poll-many --sweep
+script-cost: redis-server valgrind
+	bash .ci/script-cost.sh $(SCRIPT_COST_ARGS)
 
 ## The chaos suite, longer: replicas as processes under faults, release build, then a
 ## table. CHAOS_SECONDS (default 240) is shared by the scenarios; each repeats runs of
@@ -54,6 +60,13 @@ faketime:
 		{ $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; } || \
 		echo "could not install faketime: the chaos suite will skip its skewed-clock scenario"; \
+	fi
+
+valgrind:
+	@if ! command -v valgrind >/dev/null 2>&1; then \
+		echo "valgrind is missing: installing Debian's package"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; \
 	fi
 
 # redis-server from Debian's package, unless REDIS_URL names a server already.

@@ -4,10 +4,12 @@
 //! task-semaphore demo [--slots N] [--tasks N]
 //! task-semaphore inspect --name NAME [--redis-url URL] [--prefix P] [--json]
 //! task-semaphore bench [--quick] [--json] [--runs R] [--sizes 1000,10000,100000]
+//! task-semaphore workload [--slots N] [--poll-many] [--sweep]
 //! ```
 
 mod bench;
 mod redis_server;
+mod workload;
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::ExitCode;
@@ -29,7 +31,12 @@ usage:
   task-semaphore bench [--quick] [--json] [--runs R] [--sizes 1000,10000,100000]
       Measures throughput, latency, tick cost and memory: the median of R runs
       (default 5; at most 3 at 100,000 slots and more). --quick: one run, 1,000 slots,
-      shorter phases. Uses REDIS_URL if set, else a throwaway redis-server.";
+      shorter phases. Uses REDIS_URL if set, else a throwaway redis-server.
+  task-semaphore workload [--slots N] [--poll-many] [--sweep]
+      One fixed piece of work: build N slots (default 1,000), fill them (slot by slot,
+      or with poll_many), and with --sweep let them expire and sweep and refill them.
+      For counting script costs (make script-cost). Uses REDIS_URL if set, else a
+      throwaway redis-server.";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -38,6 +45,7 @@ async fn main() -> ExitCode {
         Some("demo") => demo(&args[1..]).await,
         Some("inspect") => inspect(&args[1..]).await,
         Some("bench") => bench::bench(&args[1..]).await,
+        Some("workload") => workload::workload(&args[1..]).await,
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             Ok(())

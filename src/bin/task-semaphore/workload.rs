@@ -1,0 +1,99 @@
+//! `task-semaphore workload`: one fixed piece of scheduler work against a Redis, for
+//! counting what the scripts cost inside Redis (`make script-cost` runs it against a
+//! redis-server under callgrind, where instruction counts repeat exactly).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use task_semaphore::{Backend, BoxError, Scheduler, SlotConfig};
+
+use crate::redis_server::ThrowawayRedis;
+use crate::{error_chain, number, parse_flags};
+
+/// A backlog without end: every poll offers a new task id.
+struct Feed {
+    next: AtomicU64,
+    batch: bool,
+}
+
+impl Backend for Feed {
+    fn name(&self) -> &str {
+        "Feed"
+    }
+
+    /// A new id every time.
+    async fn poll(&self) -> Result<Option<String>, BoxError> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(format!("Feed-{n}")))
+    }
+
+    /// `n` new ids with `--poll-many`, else not provided.
+    async fn poll_many(&self, n: usize) -> Result<Option<Vec<String>>, BoxError> {
+        if !self.batch {
+            return Ok(None);
+        }
+        let first = self.next.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(Some(
+            (first..first + n as u64).map(|i| format!("Feed-{i}")).collect(),
+        ))
+    }
+
+    async fn start_callback(&self, _task_id: &str) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+/// Reads `--slots N [--poll-many] [--sweep]`, then: build a scheduler of N slots,
+/// fill them (slot by slot, or with `poll_many`), and with `--sweep` let every slot
+/// expire and run the tick that sweeps and refills them. Prints each step's time.
+pub(crate) async fn workload(args: &[String]) -> Result<(), String> {
+    let flags = parse_flags(args, &["poll-many", "sweep"])?;
+    if let Some(unknown) = flags
+        .keys()
+        .find(|k| !["slots", "poll-many", "sweep"].contains(&k.as_str()))
+    {
+        return Err(format!("workload has no option --{unknown}"));
+    }
+    let n = number(&flags, "slots", 1000, 1_000_000)?;
+    let batch = flags.contains_key("poll-many");
+    let (url, _own) = match std::env::var("REDIS_URL") {
+        Ok(url) if !url.is_empty() => (url, None),
+        _ => {
+            let server = ThrowawayRedis::start().await?;
+            (server.url(), Some(server))
+        }
+    };
+    let fail = |e: task_semaphore::Error| error_chain(&e);
+    let timeout = Duration::from_secs(1) + Duration::from_micros(200 * n as u64);
+    let name = format!("workload-{}", std::process::id());
+    let mut builder = Scheduler::builder(name).redis_url(url).backend(Feed {
+        next: AtomicU64::new(0),
+        batch,
+    });
+    for i in 1..=n {
+        builder = builder.slot(SlotConfig::new(i.to_string(), ["Feed"]).timeout(timeout));
+    }
+    let t = Instant::now();
+    let scheduler = builder.build().await.map_err(fail)?;
+    println!("build of {n} slots: {:.1} ms", t.elapsed().as_secs_f64() * 1000.0);
+    let t = Instant::now();
+    let filled = scheduler.schedule().await.map_err(fail)?;
+    println!(
+        "fill ({}): {} started, {:.1} ms",
+        if batch { "poll_many" } else { "slot by slot" },
+        filled.started.len(),
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    if flags.contains_key("sweep") {
+        tokio::time::sleep(timeout + Duration::from_millis(100)).await;
+        let t = Instant::now();
+        let swept = scheduler.schedule().await.map_err(fail)?;
+        println!(
+            "sweep + refill: {} timed out, {} started, {:.1} ms",
+            swept.timed_out.len(),
+            swept.started.len(),
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    Ok(())
+}
