@@ -1159,6 +1159,13 @@ impl Scheduler {
         report: &mut ScheduleReport,
     ) -> Vec<(String, u64)> {
         let inner = &self.inner;
+        let hold = |slot_id, task_id, backend, lease| SlotTask {
+            slot_id,
+            task_id,
+            backend,
+            lease,
+            at: from_ms(now_ms),
+        };
         let mut to_free = Vec::new();
         for item in swept {
             match item {
@@ -1176,14 +1183,7 @@ impl Scheduler {
                     {
                         to_free.push((slot_id.clone(), lease));
                     }
-                    let at = from_ms(now_ms);
-                    report.timed_out.push(SlotTask {
-                        slot_id,
-                        task_id,
-                        backend,
-                        lease,
-                        at,
-                    });
+                    report.timed_out.push(hold(slot_id, task_id, backend, lease));
                 }
                 Swept::Reclaimed {
                     slot_id,
@@ -1203,14 +1203,7 @@ impl Scheduler {
                     self.finish(&slot_id, &task_id, &backend, lease, timed_out, &mut report.errors)
                         .await;
                     to_free.push((slot_id.clone(), lease));
-                    let at = from_ms(now_ms);
-                    report.reclaimed.push(SlotTask {
-                        slot_id,
-                        task_id,
-                        backend,
-                        lease,
-                        at,
-                    });
+                    report.reclaimed.push(hold(slot_id, task_id, backend, lease));
                 }
                 Swept::Corrupt { slot_id, why } => {
                     let msg = format!("key {} {why}", inner.keys.slot(&slot_id));
