@@ -112,11 +112,29 @@ async fn inspect(args: &[String]) -> Result<(), String> {
             serde_json::to_string_pretty(&to_json(&inspection)).map_err(|e| e.to_string())?
         );
     } else if inspection.slots.is_empty() {
-        println!("scheduler {name:?} has no slots under prefix {prefix:?} at {url}");
+        println!(
+            "scheduler {name:?} has no slots under prefix {prefix:?} at {}",
+            redacted(&url)
+        );
     } else {
         print!("{}", table(&inspection));
     }
     Ok(())
+}
+
+/// The URL with its password replaced by `***`, for printing (`user:pw@` or `:pw@`).
+fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        None => url.to_owned(),
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -349,7 +367,7 @@ async fn demo(args: &[String]) -> Result<(), String> {
     let timeout = Duration::from_millis(1500);
 
     let (url, server, cli) = match std::env::var("REDIS_URL") {
-        Ok(url) if !url.is_empty() => (url.clone(), None, format!("redis-cli -u {url}")),
+        Ok(url) if !url.is_empty() => (url.clone(), None, format!("redis-cli -u {}", redacted(&url))),
         _ => {
             let server = ThrowawayRedis::start().await?;
             let port = server.port;
@@ -392,7 +410,10 @@ async fn demo(args: &[String]) -> Result<(), String> {
     println!("  {cli} HGETALL 'task_semaphore:{{{name}}}:slot:1'");
     println!("  {cli} ZRANGE 'task_semaphore:{{{name}}}:deadlines' 0 -1 WITHSCORES");
     println!("  {cli} HGETALL 'task_semaphore:{{{name}}}:tasks'");
-    println!("  task-semaphore inspect --redis-url {url} --name {name}");
+    println!(
+        "  task-semaphore inspect --redis-url {} --name {name}",
+        redacted(&url)
+    );
     println!();
 
     let started_at = Instant::now();
@@ -479,5 +500,24 @@ async fn cleanup(url: &str, pattern: &str) {
         }
         cursor = next;
     }
-    println!("  (removed the demo's keys from {url})");
+    println!("  (removed the demo's keys from {})", redacted(url));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    /// Printed URLs never show a password; everything else stays readable.
+    fn redacted_hides_only_the_password() {
+        assert_eq!(
+            redacted("redis://ts-reports:s3cret@host:6379/0"),
+            "redis://ts-reports:***@host:6379/0"
+        );
+        assert_eq!(redacted("rediss://:s3cret@host"), "rediss://:***@host");
+        assert_eq!(redacted("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redacted("redis://user@host"), "redis://user@host");
+        assert_eq!(redacted("redis://u:p@ss@host/1"), "redis://u:***@host/1");
+        assert_eq!(redacted("not a url"), "not a url");
+    }
 }
