@@ -10,7 +10,7 @@
 //!
 //! Every figure is the median over the runs.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -301,6 +301,8 @@ struct Endless {
     started: Arc<Mutex<String>>,
     /// Whether `poll_many` is provided.
     batch: bool,
+    /// While set, the backlog is empty: polls offer nothing.
+    dry: Arc<AtomicBool>,
 }
 
 impl Endless {
@@ -312,6 +314,7 @@ impl Endless {
             next: AtomicU64::new(0),
             started: started.clone(),
             batch: false,
+            dry: Arc::new(AtomicBool::new(false)),
         };
         (backend, started)
     }
@@ -331,16 +334,22 @@ impl Backend for Endless {
         &self.name
     }
 
-    /// A new id every time.
+    /// A new id every time (none while dry).
     async fn poll(&self) -> Result<Option<String>, BoxError> {
+        if self.dry.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         Ok(Some(format!("{}-{n}", self.name)))
     }
 
-    /// `n` new ids, when batching.
+    /// `n` new ids, when batching (none while dry).
     async fn poll_many(&self, n: usize) -> Result<Option<Vec<String>>, BoxError> {
         if !self.batch {
             return Ok(None);
+        }
+        if self.dry.load(Ordering::Relaxed) {
+            return Ok(Some(Vec::new()));
         }
         let first = self.next.fetch_add(n as u64, Ordering::Relaxed);
         Ok(Some(
@@ -764,6 +773,12 @@ struct SizeRun {
     batch_fill_slowest_ms: Option<f64>,
     /// Time Redis spent in the batched fill's scripts.
     batch_fill_redis_ms: f64,
+    /// The sweep of N expired slots with nothing to refill them with: callbacks
+    /// and free only.
+    bare_sweep_ms: f64,
+    bare_sweep_redis_ms: f64,
+    bare_sweep_evalsha: f64,
+    bare_slowest_ms: Option<f64>,
     /// Time Redis spent in the sweep's scripts.
     sweep_redis_ms: f64,
     /// The sweep of N expired slots, refilled with `poll_many`.
@@ -836,11 +851,14 @@ async fn size_run(server: &Server, n: usize, timeout: Duration) -> Result<Option
     server.delete_keys(&scheduler.key_pattern(), "DEL").await?;
     drop(scheduler);
 
-    // The same N slots fed by a backend with poll_many: batched fill, then the sweep
-    // of all of them once expired, refilled in batches too.
+    // The same N slots fed by a backend with poll_many: batched fill; the sweep of all
+    // of them once expired, with nothing to refill them with; a fill again; and the
+    // sweep once they expired, refilled in batches too.
+    let feed = Endless::batching("Feed".to_owned());
+    let dry = feed.dry.clone();
     let mut builder = Scheduler::builder(fresh_name())
         .redis_url(&server.url)
-        .backend(Endless::batching("Feed".to_owned()));
+        .backend(feed);
     let batch_timeout = Duration::from_secs(2) + Duration::from_micros(30 * n as u64);
     for i in 1..=n {
         builder = builder.slot(SlotConfig::new(i.to_string(), ["Feed"]).timeout(batch_timeout));
@@ -861,30 +879,34 @@ async fn size_run(server: &Server, n: usize, timeout: Duration) -> Result<Option
             fill.started.len()
         ));
     }
-    let last_claim_ms = fill
-        .started
-        .iter()
-        .filter_map(|task| task.at.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as u64)
-        .max()
-        .unwrap_or(0);
-    drop(fill);
     server
         .wait_until(
-            last_claim_ms + batch_timeout.as_millis() as u64,
+            last_claim_ms(&fill) + batch_timeout.as_millis() as u64,
             batch_timeout + Duration::from_secs(60),
         )
         .await?;
+    drop(fill);
 
-    server.reset_slowlog().await?;
-    let (calls, usec) = server.evalsha_stats().await?;
-    let t = Instant::now();
-    let sweep = scheduler.schedule().await.map_err(fail)?;
-    let sweep_ms = ms(t.elapsed());
-    let (calls_after, usec_after) = server.evalsha_stats().await?;
-    let sweep_evalsha = calls_after.saturating_sub(calls);
-    let sweep_redis_ms = usec_after.saturating_sub(usec) as f64 / 1000.0;
-    let slowest_ms = server.slowest_evalsha_ms().await?;
+    dry.store(true, Ordering::Relaxed);
+    let bare = measured_tick(server, &scheduler).await?;
+    dry.store(false, Ordering::Relaxed);
+    if bare.report.timed_out.len() != n || !bare.report.started.is_empty() {
+        return Err(format!(
+            "the sweep of {n} slots with nothing to refill timed out {} and started {}",
+            bare.report.timed_out.len(),
+            bare.report.started.len()
+        ));
+    }
+    let fill = scheduler.schedule().await.map_err(fail)?;
+    server
+        .wait_until(
+            last_claim_ms(&fill) + batch_timeout.as_millis() as u64,
+            batch_timeout + Duration::from_secs(60),
+        )
+        .await?;
+    drop(fill);
+
+    let sweep = measured_tick(server, &scheduler).await?;
     server.delete_keys(&scheduler.key_pattern(), "DEL").await?;
     Ok(Some(SizeRun {
         build_ms,
@@ -899,13 +921,53 @@ async fn size_run(server: &Server, n: usize, timeout: Duration) -> Result<Option
         batch_fill_evalsha: batch_fill_evalsha as f64,
         batch_fill_slowest_ms,
         batch_fill_redis_ms,
-        sweep_ms,
-        sweep_redis_ms,
-        sweep_evalsha: sweep_evalsha as f64,
-        slowest_ms,
-        swept: sweep.timed_out.len() as f64,
-        refilled: sweep.started.len() as f64,
+        bare_sweep_ms: bare.ms,
+        bare_sweep_redis_ms: bare.redis_ms,
+        bare_sweep_evalsha: bare.evalsha as f64,
+        bare_slowest_ms: bare.slowest_ms,
+        sweep_ms: sweep.ms,
+        sweep_redis_ms: sweep.redis_ms,
+        sweep_evalsha: sweep.evalsha as f64,
+        slowest_ms: sweep.slowest_ms,
+        swept: sweep.report.timed_out.len() as f64,
+        refilled: sweep.report.started.len() as f64,
     }))
+}
+
+/// The latest claim time of a fill's tasks, in ms.
+fn last_claim_ms(fill: &task_semaphore::ScheduleReport) -> u64 {
+    fill.started
+        .iter()
+        .filter_map(|task| task.at.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+        .max()
+        .unwrap_or(0)
+}
+
+/// One tick, with its time, its EVALSHA calls, the time Redis spent in them, and
+/// the slowest of them (when the server is our own).
+struct MeasuredTick {
+    report: task_semaphore::ScheduleReport,
+    ms: f64,
+    evalsha: u64,
+    redis_ms: f64,
+    slowest_ms: Option<f64>,
+}
+
+async fn measured_tick(server: &Server, scheduler: &Scheduler) -> Result<MeasuredTick, String> {
+    server.reset_slowlog().await?;
+    let (calls, usec) = server.evalsha_stats().await?;
+    let t = Instant::now();
+    let report = scheduler.schedule().await.map_err(|e| error_chain(&e))?;
+    let ms = ms(t.elapsed());
+    let (calls_after, usec_after) = server.evalsha_stats().await?;
+    Ok(MeasuredTick {
+        report,
+        ms,
+        evalsha: calls_after.saturating_sub(calls),
+        redis_ms: usec_after.saturating_sub(usec) as f64 / 1000.0,
+        slowest_ms: server.slowest_evalsha_ms().await?,
+    })
 }
 
 /// The medians of one size's runs.
@@ -952,6 +1014,7 @@ async fn sizes(server: &Server, s: &Settings) -> Result<Vec<SizeRow>, String> {
         let med = |f: fn(&SizeRun) -> f64| median(runs.iter().map(f).collect());
         let slowest: Vec<f64> = runs.iter().filter_map(|r| r.slowest_ms).collect();
         let fill_slowest: Vec<f64> = runs.iter().filter_map(|r| r.batch_fill_slowest_ms).collect();
+        let bare_slowest: Vec<f64> = runs.iter().filter_map(|r| r.bare_slowest_ms).collect();
         let median = SizeRun {
             build_ms: med(|r| r.build_ms),
             fill_ms: med(|r| r.fill_ms),
@@ -965,6 +1028,10 @@ async fn sizes(server: &Server, s: &Settings) -> Result<Vec<SizeRow>, String> {
             batch_fill_evalsha: med(|r| r.batch_fill_evalsha),
             batch_fill_slowest_ms: fill_slowest.into_iter().reduce(f64::max),
             batch_fill_redis_ms: med(|r| r.batch_fill_redis_ms),
+            bare_sweep_ms: med(|r| r.bare_sweep_ms),
+            bare_sweep_redis_ms: med(|r| r.bare_sweep_redis_ms),
+            bare_sweep_evalsha: med(|r| r.bare_sweep_evalsha),
+            bare_slowest_ms: bare_slowest.into_iter().reduce(f64::max),
             sweep_redis_ms: med(|r| r.sweep_redis_ms),
             sweep_ms: med(|r| r.sweep_ms),
             sweep_evalsha: med(|r| r.sweep_evalsha),
@@ -1189,6 +1256,19 @@ impl Report {
                 ),
                 row("  EVALSHA", cell(&|r| thousands(r.batch_fill_evalsha))),
                 row(
+                    "sweep N expired, nothing to refill, ms",
+                    cell(&|r| format!("{:.1}", r.bare_sweep_ms)),
+                ),
+                row(
+                    "  of which inside Redis, ms",
+                    cell(&|r| format!("{:.1}", r.bare_sweep_redis_ms)),
+                ),
+                row(
+                    "  slowest script call (all runs), ms",
+                    cell(&|r| slowest(r.bare_slowest_ms)),
+                ),
+                row("  EVALSHA", cell(&|r| thousands(r.bare_sweep_evalsha))),
+                row(
                     "sweep N expired + refill (poll_many), ms",
                     cell(&|r| format!("{:.1}", r.sweep_ms)),
                 ),
@@ -1261,6 +1341,9 @@ impl Report {
                     "fill_poll_many_ms": r.batch_fill_ms, "fill_poll_many_evalsha": r.batch_fill_evalsha,
                     "fill_poll_many_slowest_script_ms": r.batch_fill_slowest_ms,
                     "fill_poll_many_redis_ms": r.batch_fill_redis_ms, "sweep_redis_ms": r.sweep_redis_ms,
+                    "sweep_no_refill_ms": r.bare_sweep_ms, "sweep_no_refill_redis_ms": r.bare_sweep_redis_ms,
+                    "sweep_no_refill_evalsha": r.bare_sweep_evalsha,
+                    "sweep_no_refill_slowest_script_ms": r.bare_slowest_ms,
                     "sweep_ms": r.sweep_ms, "sweep_evalsha": r.sweep_evalsha,
                     "sweep_slowest_script_ms": r.slowest_ms, "swept": r.swept, "refilled": r.refilled,
                     "redis_bytes_per_busy_slot": r.bytes_per_slot,
