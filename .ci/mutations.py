@@ -15,7 +15,7 @@ M = [
  ("M8 index owner unchecked", "lua/common.lua", "if owner ~= slot_id then\n    return nil, {'MOVED', owner}", "if false then\n    return nil, {'MOVED', owner}"),
  ("M9 sweep leaves slot busy", "lua/sweep.lua", """    redis.call('HSET', key, 'state', 'stopping', 'stopping_reason', 'timeout',
       'stopped_at_ms', now_s, 'reclaim_at_ms', reclaim)""", ""),
- ("M10 slot type unchecked", "lua/common.lua", "local flat = redis.pcall('HGETALL', key)", "local flat = redis.call('HGETALL', key)"),
+ ("M10 slot type unchecked", "lua/common.lua", "local r = redis.pcall('HMGET', key, unpack(HELD_FIELDS))", "local r = redis.call('HMGET', key, unpack(HELD_FIELDS))"),
  ("M12 stopping slots never reclaimed", "lua/sweep.lua", "elseif s.state == 'stopping' and s.reclaim_at_ms <= now then", "elseif false then"),
  ("M13 claim skips lease counter check", "lua/claim.lua", "if last_lease and strict_int(last_lease) == nil then", "if false then"),
  ("M14 keepalive ignores lease", "lua/keepalive.lua", "if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then", "if false then"),
@@ -27,7 +27,7 @@ M = [
  ("M20 lost counter not time-based", "lua/epoch.lua", "    floor = math.max(floor, now * 100)\n", ""),
  ("M21 claim's reads not type-checked", "lua/common.lua", "  if type(r) == 'table' and r.err then\n    check_type(key, want)", "  if false then\n    check_type(key, want)"),
  ("M22 claim's stale check reads the wrong task", "lua/claim.lua", "    local ended_at = ended[i]", "    local ended_at = ended[1]"),
- ("M23 sweep skips the check of started_at_ms", "lua/sweep.lua", "and r[3] and is_int(r[7]) and is_int(r[8]) then", "and r[3] and is_int(r[8]) then"),
+ ("M23 slot read skips the check of started_at_ms", "lua/common.lua", "local CHECKED_FIELDS = {'started_at_ms', 'last_keepalive_at_ms'}", "local CHECKED_FIELDS = {'last_keepalive_at_ms'}"),
  ("M11 strict numbers off", "lua/common.lua", "not not string.match(v, '^%d+$')", "true"),
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

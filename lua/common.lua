@@ -62,35 +62,44 @@ end
 local TIME_FIELDS = {'lease', 'deadline_ms', 'timeout_ms'}
 local CHECKED_FIELDS = {'started_at_ms', 'last_keepalive_at_ms'}
 
--- Reads and validates a slot hash (one HGETALL: a single pass over a small hash,
--- where HMGET of ten fields searches it ten times). Returns the slot as a table
--- (numbers parsed), or nil and the reason it is unreadable. Never writes.
+-- The fields every held slot has, in the order read_slot reads them.
+local HELD_FIELDS = {'state', 'task_id', 'backend', 'lease', 'deadline_ms', 'timeout_ms',
+  'started_at_ms', 'last_keepalive_at_ms'}
+
+-- Reads and validates a slot hash: one HMGET into an array (a stopping slot needs a
+-- second one for its two more fields), cheaper than a table of all its fields.
+-- Returns the slot as a table (numbers parsed), or nil and the reason it is
+-- unreadable. Never writes.
 local function read_slot(key)
-  local flat = redis.pcall('HGETALL', key)
-  if flat.err then
+  local r = redis.pcall('HMGET', key, unpack(HELD_FIELDS))
+  if r.err then
     return nil, 'is a ' .. redis.call('TYPE', key)['ok'] .. ', expected a hash'
   end
-  if #flat == 0 then
-    return nil, 'is missing (slot not registered)'
-  end
-  local s = {}
-  for i = 1, #flat, 2 do
-    s[flat[i]] = flat[i + 1]
-  end
+  -- One constructor (sized once), not a table grown field by field. HMGET gives
+  -- false for a missing field; `or nil` keeps it absent.
+  local s = {state = r[1] or nil, task_id = r[2] or nil, backend = r[3] or nil,
+    lease = r[4] or nil, deadline_ms = r[5] or nil, timeout_ms = r[6] or nil,
+    started_at_ms = r[7] or nil, last_keepalive_at_ms = r[8] or nil,
+    stopping_reason = nil, reclaim_at_ms = nil}
   if s.state == 'idle' then
     return s
+  end
+  if s.state == nil and redis.call('EXISTS', key) == 0 then
+    return nil, 'is missing (slot not registered)'
   end
   if s.state ~= 'busy' and s.state ~= 'stopping' then
     return nil, 'has state ' .. string.format('%q', tostring(s.state)) .. ', expected idle, busy or stopping'
   end
-  for _, f in ipairs(TIME_FIELDS) do
+  for i = 1, #TIME_FIELDS do
+    local f = TIME_FIELDS[i]
     local n = strict_int(s[f])
     if n == nil then
       return nil, 'has a bad or missing field ' .. f
     end
     s[f] = n
   end
-  for _, f in ipairs(CHECKED_FIELDS) do
+  for i = 1, #CHECKED_FIELDS do
+    local f = CHECKED_FIELDS[i]
     if not is_int(s[f]) then
       return nil, 'has a bad or missing field ' .. f
     end
@@ -99,7 +108,9 @@ local function read_slot(key)
     return nil, 'has no task_id or backend'
   end
   if s.state == 'stopping' then
-    local n = strict_int(s.reclaim_at_ms)
+    local more = redis.call('HMGET', key, 'stopping_reason', 'reclaim_at_ms')
+    s.stopping_reason = more[1] or nil
+    local n = strict_int(more[2])
     if n == nil then
       return nil, 'has a bad or missing field reclaim_at_ms'
     end

@@ -26,37 +26,10 @@ local function reclaim_at(timeout)
   return r
 end
 
--- A slot read with HMGET into an array and checked as read_slot does (cheaper than
--- its table of all fields); a slot that fails this check goes through read_slot,
--- which names the problem. A stopping slot needs two more fields: a second HMGET.
-local function due_slot(key)
-  local r = redis.pcall('HMGET', key, 'state', 'task_id', 'backend', 'lease', 'deadline_ms',
-    'timeout_ms', 'started_at_ms', 'last_keepalive_at_ms')
-  if r.err then
-    return read_slot(key)
-  end
-  local state = r[1]
-  if state == 'idle' then
-    return {state = state}
-  end
-  local lease, deadline, timeout = strict_int(r[4]), strict_int(r[5]), strict_int(r[6])
-  local reason, reclaim
-  if state == 'stopping' then
-    local more = redis.call('HMGET', key, 'stopping_reason', 'reclaim_at_ms')
-    reason, reclaim = more[1], strict_int(more[2])
-  end
-  if (state == 'busy' or reclaim) and lease and deadline and timeout and r[2] and r[2] ~= ''
-      and r[3] and is_int(r[7]) and is_int(r[8]) then
-    return {state = state, task_id = r[2], backend = r[3], lease = lease, deadline_ms = deadline,
-      timeout_ms = timeout, stopping_reason = reason, reclaim_at_ms = reclaim}
-  end
-  return read_slot(key)
-end
-
 local n = #KEYS - 4
 local slots, reasons = {}, {}
 for i = 1, n do
-  slots[i], reasons[i] = due_slot(KEYS[4 + i])
+  slots[i], reasons[i] = read_slot(KEYS[4 + i])
 end
 
 -- Writes to the shared keys are gathered and sent once at the end.
