@@ -295,7 +295,7 @@ fn all_bench_keys() -> String {
 
 /// A backend with an endless backlog: every poll offers a new task id, and the id
 /// it last started is kept in `started`.
-struct Endless {
+pub(crate) struct Endless {
     name: String,
     next: AtomicU64,
     started: Arc<Mutex<String>>,
@@ -307,7 +307,7 @@ struct Endless {
 
 impl Endless {
     /// A backend named `name`; returns it with its "last started" cell.
-    fn new(name: String) -> (Self, Arc<Mutex<String>>) {
+    pub(crate) fn new(name: String) -> (Self, Arc<Mutex<String>>) {
         let started = Arc::new(Mutex::new(String::new()));
         let backend = Endless {
             name,
@@ -320,7 +320,7 @@ impl Endless {
     }
 
     /// A backend named `name` that provides `poll_many`.
-    fn batching(name: String) -> Self {
+    pub(crate) fn batching(name: String) -> Self {
         Endless {
             batch: true,
             ..Endless::new(name).0

@@ -1,47 +1,14 @@
 //! `task-semaphore workload`: one fixed piece of scheduler work against a Redis, for
 //! counting what the scripts cost inside Redis (`make script-cost` runs it against a
-//! redis-server under callgrind, where instruction counts repeat exactly).
+//! redis-server under callgrind, where instruction counts repeat within about 1%).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use task_semaphore::{Backend, BoxError, Scheduler, SlotConfig};
+use task_semaphore::{Scheduler, SlotConfig};
 
+use crate::bench::Endless;
 use crate::redis_server::ThrowawayRedis;
 use crate::{error_chain, number, parse_flags};
-
-/// A backlog without end: every poll offers a new task id.
-struct Feed {
-    next: AtomicU64,
-    batch: bool,
-}
-
-impl Backend for Feed {
-    fn name(&self) -> &str {
-        "Feed"
-    }
-
-    /// A new id every time.
-    async fn poll(&self) -> Result<Option<String>, BoxError> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(format!("Feed-{n}")))
-    }
-
-    /// `n` new ids with `--poll-many`, else not provided.
-    async fn poll_many(&self, n: usize) -> Result<Option<Vec<String>>, BoxError> {
-        if !self.batch {
-            return Ok(None);
-        }
-        let first = self.next.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(Some(
-            (first..first + n as u64).map(|i| format!("Feed-{i}")).collect(),
-        ))
-    }
-
-    async fn start_callback(&self, _task_id: &str) -> Result<(), BoxError> {
-        Ok(())
-    }
-}
 
 /// Reads `--slots N [--poll-many] [--sweep]`, then: build a scheduler of N slots,
 /// fill them (slot by slot, or with `poll_many`), and with `--sweep` let every slot
@@ -66,10 +33,13 @@ pub(crate) async fn workload(args: &[String]) -> Result<(), String> {
     let fail = |e: task_semaphore::Error| error_chain(&e);
     let timeout = Duration::from_secs(1) + Duration::from_micros(200 * n as u64);
     let name = format!("workload-{}", std::process::id());
-    let mut builder = Scheduler::builder(name).redis_url(url).backend(Feed {
-        next: AtomicU64::new(0),
-        batch,
-    });
+    // The bench's endless backlog: a new task id at every poll.
+    let feed = if batch {
+        Endless::batching("Feed".to_owned())
+    } else {
+        Endless::new("Feed".to_owned()).0
+    };
+    let mut builder = Scheduler::builder(name).redis_url(url).backend(feed);
     for i in 1..=n {
         builder = builder.slot(SlotConfig::new(i.to_string(), ["Feed"]).timeout(timeout));
     }
