@@ -63,13 +63,14 @@ for i = 1, n do
 end
 local holders = read_checked('hash', 'HMGET', tasks_key, unpack(ids))
 local ended = read_checked('zset', 'ZMSCORE', ended_key, unpack(ids))
--- Only an idle slot is claimed, so its state field is all a claim reads of an idle
--- slot; any other slot (rare: the caller saw it idle) is read and checked whole.
+-- Only an idle slot is claimed: a registered slot with its `timeout` and no holder
+-- fields. Those are all a claim reads of an idle slot; any other slot (rare: the
+-- caller saw it idle) is read and checked whole.
 for i = 1, n do
   local c = claims[i]
-  local state = redis.pcall('HGET', c.slot_key, 'state')
-  if state == 'idle' then
-    c.state = state
+  local r = redis.pcall('HMGET', c.slot_key, 'timeout', 'task', 'stopping', 'lease')
+  if not r.err and is_int(r[1]) and not r[2] and not r[3] and not r[4] then
+    c.state = 'idle'
   else
     local s, why = read_slot(c.slot_key)
     c.state, c.why = s and s.state, why
@@ -121,9 +122,8 @@ for i = 1, n do
       deadline_of[c.timeout] = deadline
     end
     local lease_s = int_s(lease)
-    redis.call('HSET', c.slot_key, 'state', 'busy', 'task_id', c.task_id, 'backend', c.backend,
-      'lease', lease_s, 'started_at_ms', now_s, 'last_keepalive_at_ms', now_s,
-      'deadline_ms', deadline, 'timeout_ms', c.timeout_s)
+    redis.call('HSET', c.slot_key, 'task', c.task_id, 'backend', c.backend, 'lease', lease_s,
+      'start', now_s, 'due', deadline, 'timeout', c.timeout_s)
     taken[c.slot_key] = true
     held[c.task_id] = true
     new_tasks[#new_tasks + 1] = c.task_id

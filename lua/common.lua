@@ -57,76 +57,70 @@ local function strict_int(v)
   return tonumber(v)
 end
 
--- Numeric fields of a held slot: these are parsed; the others only checked (parsing
--- a 13-digit number costs more than the rest of a slot's checks together).
-local TIME_FIELDS = {'lease', 'deadline_ms', 'timeout_ms'}
-local CHECKED_FIELDS = {'started_at_ms', 'last_keepalive_at_ms'}
+-- A slot hash has no state field: the state follows from the fields (README, "Redis
+-- keys"), which keeps a busy slot's hash small. Every slot has `backends` and
+-- `timeout`; a held one (busy or stopping) also `task`, `backend`, `lease`, `start`
+-- and `due`; a stopping one also `stopping` (the reason), `stopped` and `reclaim`.
+-- Fields read_slot reads, in this order (one HMGET).
+local SLOT_FIELDS = {'task', 'stopping', 'timeout', 'lease', 'due', 'start', 'backend'}
 
--- The fields every held slot has, in the order read_slot reads them.
-local HELD_FIELDS = {'state', 'task_id', 'backend', 'lease', 'deadline_ms', 'timeout_ms',
-  'started_at_ms', 'last_keepalive_at_ms'}
-
--- Reads and validates a slot hash: one HMGET into an array (a stopping slot needs a
--- second one for its two more fields), cheaper than a table of all its fields.
--- Returns the slot as a table (numbers parsed), or nil and the reason it is
--- unreadable. Never writes.
+-- Reads and validates a slot hash with one HMGET (a stopping slot needs a second one
+-- for `reclaim`). Returns the slot as a table, its state derived: "idle" (no task),
+-- "stopping" (a reason) or "busy"; numbers parsed. Or nil and the reason it is
+-- unreadable (a missing key, another type, a bad or missing field). Never writes.
 local function read_slot(key)
-  local r = redis.pcall('HMGET', key, unpack(HELD_FIELDS))
+  local r = redis.pcall('HMGET', key, unpack(SLOT_FIELDS))
   if r.err then
     return nil, 'is a ' .. redis.call('TYPE', key)['ok'] .. ', expected a hash'
   end
-  -- One constructor (sized once), not a table grown field by field. HMGET gives
-  -- false for a missing field; `or nil` keeps it absent.
-  local s = {state = r[1] or nil, task_id = r[2] or nil, backend = r[3] or nil,
-    lease = r[4] or nil, deadline_ms = r[5] or nil, timeout_ms = r[6] or nil,
-    started_at_ms = r[7] or nil, last_keepalive_at_ms = r[8] or nil,
-    stopping_reason = nil, reclaim_at_ms = nil}
-  if s.state == 'idle' then
-    return s
-  end
-  if s.state == nil and redis.call('EXISTS', key) == 0 then
-    return nil, 'is missing (slot not registered)'
-  end
-  if s.state ~= 'busy' and s.state ~= 'stopping' then
-    return nil, 'has state ' .. string.format('%q', tostring(s.state)) .. ', expected idle, busy or stopping'
-  end
-  for i = 1, #TIME_FIELDS do
-    local f = TIME_FIELDS[i]
-    local n = strict_int(s[f])
-    if n == nil then
-      return nil, 'has a bad or missing field ' .. f
+  local timeout = strict_int(r[3])
+  if not r[1] then
+    if r[2] or r[4] or r[5] or r[6] or r[7] then
+      return nil, 'has holder fields but no task'
     end
-    s[f] = n
-  end
-  for i = 1, #CHECKED_FIELDS do
-    local f = CHECKED_FIELDS[i]
-    if not is_int(s[f]) then
-      return nil, 'has a bad or missing field ' .. f
+    if timeout == nil then
+      if not r[3] and redis.call('EXISTS', key) == 0 then
+        return nil, 'is missing (slot not registered)'
+      end
+      return nil, 'has a bad or missing field timeout'
     end
+    return {state = 'idle', timeout = timeout}
   end
-  if s.task_id == nil or s.task_id == '' or s.backend == nil then
-    return nil, 'has no task_id or backend'
+  -- One constructor (sized once), not a table grown field by field.
+  local s = {state = r[2] and 'stopping' or 'busy', task = r[1], stopping = r[2] or nil,
+    timeout = timeout, lease = strict_int(r[4]), due = strict_int(r[5]), backend = r[7] or nil,
+    reclaim = nil}
+  if r[1] == '' or not s.backend then
+    return nil, 'has no task or backend'
   end
-  if s.state == 'stopping' then
-    local more = redis.call('HMGET', key, 'stopping_reason', 'reclaim_at_ms')
-    s.stopping_reason = more[1] or nil
-    local n = strict_int(more[2])
-    if n == nil then
-      return nil, 'has a bad or missing field reclaim_at_ms'
+  if timeout == nil then
+    return nil, 'has a bad or missing field timeout'
+  end
+  if s.lease == nil then
+    return nil, 'has a bad or missing field lease'
+  end
+  if s.due == nil then
+    return nil, 'has a bad or missing field due'
+  end
+  -- Checked, not parsed: only inspect shows it (parsing costs more than the check).
+  if not is_int(r[6]) then
+    return nil, 'has a bad or missing field start'
+  end
+  if s.stopping then
+    s.reclaim = strict_int(redis.call('HGET', key, 'reclaim'))
+    if s.reclaim == nil then
+      return nil, 'has a bad or missing field reclaim'
     end
-    s.reclaim_at_ms = n
   end
   return s
 end
 
--- The fields a slot drops when it becomes idle again.
-local HOLDER_FIELDS = {'task_id', 'backend', 'lease', 'started_at_ms', 'last_keepalive_at_ms',
-  'deadline_ms', 'stopping_reason', 'stopped_at_ms', 'reclaim_at_ms'}
+-- The fields a slot drops when it becomes idle again (its config stays).
+local HOLDER_FIELDS = {'task', 'backend', 'lease', 'start', 'due', 'stopping', 'stopped', 'reclaim'}
 
--- Clears a slot's holder and marks it idle (the caller updates idle and deadlines).
+-- Clears a slot's holder: idle (the caller updates idle and deadlines).
 local function clear_holder(slot_key)
   redis.call('HDEL', slot_key, unpack(HOLDER_FIELDS))
-  redis.call('HSET', slot_key, 'state', 'idle')
 end
 
 -- Makes a slot idle: clears the holder, queues it in the idle set, drops its deadline.
@@ -151,7 +145,7 @@ local function slot_of_task(tasks_key, slot_key, task_id, slot_id)
   if s == nil then
     corrupt(slot_key, why)
   end
-  if s.state ~= 'busy' or s.task_id ~= task_id then
+  if s.state ~= 'busy' or s.task ~= task_id then
     corrupt(tasks_key, 'maps the task to slot ' .. slot_id .. ', which does not hold it')
   end
   return s

@@ -6,11 +6,11 @@
 check_type(KEYS[1], 'zset')
 check_type(KEYS[2], 'set')
 local n = #KEYS - 2
--- Only the state and lease decide (a slot of another type or shape is not freed);
--- clearing the holder drops whatever else the hash had.
+-- Only the stopping reason and lease decide (a slot of another type or shape is not
+-- freed); clearing the holder drops whatever else the hash had.
 local slots = {}
 for i = 1, n do
-  local r = redis.pcall('HMGET', KEYS[2 + i], 'state', 'lease')
+  local r = redis.pcall('HMGET', KEYS[2 + i], 'stopping', 'lease')
   if not r.err then
     slots[i] = r
   end
@@ -18,7 +18,7 @@ end
 local out, freed = {}, {}
 for i = 1, n do
   local s = slots[i]
-  if s and s[1] == 'stopping' and s[2] == ARGV[2 * i] then
+  if s and s[1] and s[2] == ARGV[2 * i] then
     clear_holder(KEYS[2 + i])
     freed[#freed + 1] = ARGV[2 * i - 1]
     out[i] = 1

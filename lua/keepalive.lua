@@ -1,10 +1,10 @@
 -- KEYS[1] tasks hash  KEYS[2] slot hash  KEYS[3] deadlines zset
 -- ARGV[1] task id  ARGV[2] slot id the caller believes holds it
 -- ARGV[3] lease the caller holds, or "" for whichever lease holds the task
--- Returns  {"OK", now_ms, lease, deadline_ms, backend} | {"WRONG_TASK"}
---        | {"MOVED", slot id} | {"EXPIRED", slot id, deadline_ms}
+-- Returns  {"OK", now_ms, lease, due, backend} | {"WRONG_TASK"}
+--        | {"MOVED", slot id} | {"EXPIRED", slot id, due}
 --        | {"LEASE_LOST", lease now in the slot} | error "CORRUPT <key> ..."
--- Pushes the deadline to now + the slot's timeout_ms. A task whose deadline has passed
+-- Pushes the deadline (`due`) to now + the slot's timeout. A task whose deadline has passed
 -- is not revived: the next sweep times it out. With a lease, a newer hold of the same
 -- task id is never extended.
 local tasks_key, slot_key, deadlines_key = KEYS[1], KEYS[2], KEYS[3]
@@ -19,10 +19,11 @@ if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then
   return {'LEASE_LOST', s.lease}
 end
 local now = now_ms()
-if s.deadline_ms <= now then
-  return {'EXPIRED', slot_id, s.deadline_ms}
+if s.due <= now then
+  return {'EXPIRED', slot_id, s.due}
 end
-local deadline = now + s.timeout_ms
-redis.call('HSET', slot_key, 'last_keepalive_at_ms', now, 'deadline_ms', deadline)
-redis.call('ZADD', deadlines_key, deadline, slot_id)
+local deadline = now + s.timeout
+local deadline_s = int_s(deadline)
+redis.call('HSET', slot_key, 'due', deadline_s)
+redis.call('ZADD', deadlines_key, deadline_s, slot_id)
 return {'OK', now, s.lease, deadline, s.backend}

@@ -1,7 +1,7 @@
 -- KEYS[1] slots set  KEYS[2] idle set  KEYS[3] deadlines zset  KEYS[3+i] slot hash i
 -- ARGV[3i-2] slot id i  ARGV[3i-1] backends (JSON list)  ARGV[3i] timeout ms
 -- Returns  {status_1, ..., status_n}, each "created", "ok" or "corrupt <why>".
--- Creates missing slots as idle; refreshes backends and timeout_ms of readable ones;
+-- Creates missing slots as idle; refreshes backends and timeout of readable ones;
 -- repairs the idle set and the deadlines of readable slots. Corrupt slots are not touched.
 check_type(KEYS[1], 'set')
 check_type(KEYS[2], 'set')
@@ -25,7 +25,7 @@ for i = 1, n do
     redis.call('SADD', KEYS[1], id)
     out[i] = 'corrupt ' .. reasons[i]
   elseif s == nil then
-    redis.call('HSET', key, 'state', 'idle', 'backends', backends, 'timeout_ms', timeout)
+    redis.call('HSET', key, 'backends', backends, 'timeout', timeout)
     redis.call('SADD', KEYS[2], id)
     redis.call('SADD', KEYS[1], id)
     out[i] = 'created'
@@ -34,12 +34,12 @@ for i = 1, n do
     redis.call('SADD', KEYS[1], id)
     if s.state == 'idle' then
       -- Only an idle slot takes the new timeout: a holder keeps the one it claimed with.
-      redis.call('HSET', key, 'timeout_ms', timeout)
+      redis.call('HSET', key, 'timeout', timeout)
       redis.call('SADD', KEYS[2], id)
     elseif s.state == 'busy' then
-      redis.call('ZADD', KEYS[3], 'NX', s.deadline_ms, id)
+      redis.call('ZADD', KEYS[3], 'NX', s.due, id)
     else
-      redis.call('ZADD', KEYS[3], 'NX', s.reclaim_at_ms, id)
+      redis.call('ZADD', KEYS[3], 'NX', s.reclaim, id)
     end
     out[i] = 'ok'
   end

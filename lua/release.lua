@@ -3,10 +3,10 @@
 -- ARGV[1] task id  ARGV[2] slot id the caller believes holds it
 -- ARGV[3] reason ("stop", "start_failed", "error")  ARGV[4] "stopping" or "idle"
 -- ARGV[5] lease the caller holds, or "" for whichever lease holds the task
--- Returns  {"OK", now_ms, lease, backend, started_at_ms} | {"WRONG_TASK"}
+-- Returns  {"OK", now_ms, lease, backend} | {"WRONG_TASK"}
 --        | {"MOVED", slot id} | {"LEASE_LOST", lease now in the slot} | error "CORRUPT <key> ..."
 -- Ends the task's hold. With "stopping" the slot stays unclaimable until free.lua
--- (after the callbacks), or until reclaim_at_ms = now + timeout_ms if the caller dies.
+-- (after the callbacks), or until `reclaim` = now + timeout if the caller dies.
 -- With "idle" the slot is free at once (a start that failed has no callbacks to wait for).
 local tasks_key, slot_key, deadlines_key, ended_key, idle_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local task_id, slot_id, reason, mode, want_lease = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -31,9 +31,8 @@ redis.call('ZADD', ended_key, now, task_id)
 if mode == 'idle' then
   make_idle(slot_key, slot_id, idle_key, deadlines_key)
 else
-  local reclaim_at = now + s.timeout_ms
-  redis.call('HSET', slot_key, 'state', 'stopping', 'stopping_reason', reason,
-    'stopped_at_ms', now, 'reclaim_at_ms', reclaim_at)
+  local reclaim_at = int_s(now + s.timeout)
+  redis.call('HSET', slot_key, 'stopping', reason, 'stopped', int_s(now), 'reclaim', reclaim_at)
   redis.call('ZADD', deadlines_key, reclaim_at, slot_id)
 end
-return {'OK', now, s.lease, s.backend, s.started_at_ms}
+return {'OK', now, s.lease, s.backend}

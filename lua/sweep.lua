@@ -1,13 +1,13 @@
 -- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[3] tasks hash  KEYS[4] ended zset
 -- KEYS[4+i] slot hash i   -- ARGV[i] slot id i
--- Returns  {now_ms, {slot_id, "timed_out", task_id, backend, lease, deadline_ms},
---           {slot_id, "reclaimed", task_id, backend, lease, stopping_reason},
+-- Returns  {now_ms, {slot_id, "timed_out", task_id, backend, lease, due},
+--           {slot_id, "reclaimed", task_id, backend, lease, stopping reason},
 --           {slot_id, "corrupt", why}, ...}; slots not due are left out.
 -- Takes every due slot in one step. A busy slot past its deadline becomes "stopping"
 -- (its task leaves the index; the slot is not claimable until the caller's free, or
--- until reclaim_at_ms = now + timeout_ms if that caller dies). A stopping slot past
--- reclaim_at_ms (its callbacks never finished) is handed to this caller in the same
--- way: it stays stopping with a new reclaim_at_ms while the caller runs the callbacks
+-- until `reclaim` = now + timeout if that caller dies). A stopping slot past
+-- `reclaim` (its callbacks never finished) is handed to this caller in the same
+-- way: it stays stopping with a new `reclaim` while the caller runs the callbacks
 -- again (at least once), then frees it.
 check_type(KEYS[1], 'zset')
 check_type(KEYS[2], 'set')
@@ -42,23 +42,22 @@ for i = 1, n do
   elseif s.state == 'idle' then
     -- A stale deadline of an idle slot (a hand edit, or a lost reply): drop it.
     stale_deadlines[#stale_deadlines + 1] = id
-  elseif s.state == 'busy' and s.deadline_ms <= now then
-    local reclaim = reclaim_at(s.timeout_ms)
-    redis.call('HSET', key, 'state', 'stopping', 'stopping_reason', 'timeout',
-      'stopped_at_ms', now_s, 'reclaim_at_ms', reclaim)
+  elseif s.state == 'busy' and s.due <= now then
+    local reclaim = reclaim_at(s.timeout)
+    redis.call('HSET', key, 'stopping', 'timeout', 'stopped', now_s, 'reclaim', reclaim)
     new_deadlines[#new_deadlines + 1] = reclaim
     new_deadlines[#new_deadlines + 1] = id
-    expired_tasks[#expired_tasks + 1] = s.task_id
+    expired_tasks[#expired_tasks + 1] = s.task
     expired_slots[#expired_slots + 1] = id
     ended[#ended + 1] = now_s
-    ended[#ended + 1] = s.task_id
-    out[#out + 1] = {id, 'timed_out', s.task_id, s.backend, s.lease, s.deadline_ms}
-  elseif s.state == 'stopping' and s.reclaim_at_ms <= now then
-    local reclaim = reclaim_at(s.timeout_ms)
-    redis.call('HSET', key, 'reclaim_at_ms', reclaim)
+    ended[#ended + 1] = s.task
+    out[#out + 1] = {id, 'timed_out', s.task, s.backend, s.lease, s.due}
+  elseif s.state == 'stopping' and s.reclaim <= now then
+    local reclaim = reclaim_at(s.timeout)
+    redis.call('HSET', key, 'reclaim', reclaim)
     new_deadlines[#new_deadlines + 1] = reclaim
     new_deadlines[#new_deadlines + 1] = id
-    out[#out + 1] = {id, 'reclaimed', s.task_id, s.backend, s.lease, s.stopping_reason or ''}
+    out[#out + 1] = {id, 'reclaimed', s.task, s.backend, s.lease, s.stopping}
   end
 end
 if #stale_deadlines > 0 then

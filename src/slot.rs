@@ -99,17 +99,22 @@ impl SlotState {
         if fields.is_empty() {
             return SlotState::new(slot_id, backends, SlotStatus::Missing);
         }
-        let status = match fields.get("state").map(String::as_str) {
-            Some("idle") => SlotStatus::Idle,
-            Some("busy") => SlotStatus::Busy,
-            Some("stopping") => SlotStatus::Stopping,
-            other => return corrupt(format!("state is {other:?}, expected idle, busy or stopping")),
+        // No state field: it follows from the fields, as in lua/common.lua (read_slot).
+        let timeout = fields.get("timeout").and_then(|t| strict_u64(t));
+        let holder = ["stopping", "lease", "due", "start", "backend"];
+        let status = match (fields.get("task"), fields.contains_key("stopping")) {
+            (None, _) if holder.iter().any(|f| fields.contains_key(*f)) => {
+                return corrupt("has holder fields but no task".into())
+            }
+            (None, _) => SlotStatus::Idle,
+            (Some(_), false) => SlotStatus::Busy,
+            (Some(_), true) => SlotStatus::Stopping,
+        };
+        let Some(timeout) = timeout else {
+            return corrupt("bad or missing field timeout".into());
         };
         let mut slot = SlotState::new(slot_id.clone(), backends.clone(), status.clone());
-        slot.timeout = fields
-            .get("timeout_ms")
-            .and_then(|t| strict_u64(t))
-            .map(Duration::from_millis);
+        slot.timeout = Some(Duration::from_millis(timeout));
         if status == SlotStatus::Idle {
             return slot;
         }
@@ -121,23 +126,24 @@ impl SlotState {
         };
         let parsed = (|| -> Result<(), String> {
             slot.lease = Some(number("lease")?);
-            slot.started_at = Some(from_ms(number("started_at_ms")?));
-            slot.last_keepalive_at = Some(from_ms(number("last_keepalive_at_ms")?));
-            slot.deadline = Some(from_ms(number("deadline_ms")?));
-            number("timeout_ms")?;
+            slot.started_at = Some(from_ms(number("start")?));
+            let due = number("due")?;
+            slot.deadline = Some(from_ms(due));
+            // A keepalive sets due = now + timeout, as the claim does with its start.
+            slot.last_keepalive_at = Some(from_ms(due.saturating_sub(timeout)));
             if status == SlotStatus::Stopping {
-                slot.reclaim_at = Some(from_ms(number("reclaim_at_ms")?));
+                slot.reclaim_at = Some(from_ms(number("reclaim")?));
             }
             Ok(())
         })();
         if let Err(why) = parsed {
             return corrupt(why);
         }
-        slot.task_id = fields.remove("task_id").filter(|t| !t.is_empty());
+        slot.task_id = fields.remove("task").filter(|t| !t.is_empty());
         slot.backend = fields.remove("backend");
-        slot.stopping_reason = fields.remove("stopping_reason");
+        slot.stopping_reason = fields.remove("stopping");
         if slot.task_id.is_none() || slot.backend.is_none() {
-            return corrupt("no task_id or backend".into());
+            return corrupt("no task or backend".into());
         }
         slot
     }
@@ -167,24 +173,32 @@ mod tests {
     /// A busy slot with a garbage number is corrupt, not busy.
     fn garbage_is_corrupt() {
         let busy = [
-            ("state", "busy"),
-            ("task_id", "t"),
+            ("backends", r#"["B"]"#),
+            ("timeout", "1000"),
+            ("task", "t"),
             ("backend", "B"),
             ("lease", "3"),
-            ("started_at_ms", "1000"),
-            ("last_keepalive_at_ms", "1000"),
-            ("deadline_ms", "2000"),
-            ("timeout_ms", "1000"),
+            ("start", "1000"),
+            ("due", "2500"),
         ];
         let ok = SlotState::from_fields("1".into(), None, fields(&busy));
         assert_eq!(ok.status, SlotStatus::Busy);
         assert_eq!(ok.lease, Some(3));
+        assert_eq!(ok.backends, ["B"]);
+        assert_eq!(ok.last_keepalive_at, Some(from_ms(1500)));
         let mut bad = busy;
-        bad[3] = ("lease", "12abc");
+        bad[4] = ("lease", "12abc");
         let slot = SlotState::from_fields("1".into(), None, fields(&bad));
         assert!(matches!(slot.status, SlotStatus::Corrupt(ref why) if why.contains("lease")));
-        let slot = SlotState::from_fields("1".into(), None, fields(&[("state", "weird")]));
-        assert!(matches!(slot.status, SlotStatus::Corrupt(_)));
+        let idle = SlotState::from_fields("1".into(), None, fields(&busy[..2]));
+        assert_eq!(idle.status, SlotStatus::Idle);
+        for junk in [
+            &[("weird", "1")][..],
+            &[("timeout", "1000"), ("stopping", "stop")][..],
+        ] {
+            let slot = SlotState::from_fields("1".into(), None, fields(junk));
+            assert!(matches!(slot.status, SlotStatus::Corrupt(_)), "{junk:?}");
+        }
         let slot = SlotState::from_fields("1".into(), None, HashMap::new());
         assert_eq!(slot.status, SlotStatus::Missing);
     }

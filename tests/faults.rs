@@ -347,7 +347,7 @@ async fn odd_task_ids_live_a_whole_life_intact() {
         assert_eq!(state.task_id.as_ref(), Some(id));
         let stored: Vec<u8> = redis::cmd("HGET")
             .arg(key(&name, &format!("slot:{slot}")))
-            .arg("task_id")
+            .arg("task")
             .query_async(&mut conn)
             .await
             .unwrap();
@@ -457,15 +457,16 @@ async fn corrupt_busy_slot_is_reported_and_left_alone() {
         Tamper::String,
         Tamper::List,
         Tamper::Hdel("lease"),
-        Tamper::Hdel("deadline_ms"),
-        Tamper::Hdel("task_id"),
+        Tamper::Hdel("due"),
+        Tamper::Hdel("task"),
+        Tamper::Hdel("backend"),
         Tamper::Hset("lease", "12abc"),
-        Tamper::Hset("deadline_ms", "nan"),
-        Tamper::Hset("started_at_ms", "99999999999999999999"),
-        Tamper::Hset("timeout_ms", "-5"),
-        Tamper::Hset("last_keepalive_at_ms", "1e3"),
-        Tamper::Hset("state", "running"),
-        Tamper::Hset("state", ""),
+        Tamper::Hset("due", "nan"),
+        Tamper::Hset("start", "99999999999999999999"),
+        Tamper::Hset("start", "1e3"),
+        Tamper::Hset("timeout", "-5"),
+        Tamper::Hset("stopping", "timeout"),
+        Tamper::Hset("task", ""),
     ];
     let url = common::redis_url();
     let short = Duration::from_millis(300);
@@ -542,10 +543,11 @@ async fn corrupt_idle_slot_is_never_handed_out() {
     let cases = [
         Tamper::String,
         Tamper::List,
-        Tamper::Hset("state", "weird"),
-        Tamper::Hset("state", "busy"),
-        Tamper::Hset("state", "stopping"),
-        Tamper::Hdel("state"),
+        Tamper::Hset("task", "weird"),
+        Tamper::Hset("stopping", "stop"),
+        Tamper::Hset("lease", "7"),
+        Tamper::Hset("timeout", "soon"),
+        Tamper::Hdel("timeout"),
     ];
     let url = common::redis_url();
     let runs = cases.iter().map(|&how| {

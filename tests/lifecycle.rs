@@ -309,14 +309,20 @@ async fn slot_hash_is_readable_as_documented() {
         .query_async(&mut r)
         .await
         .unwrap();
-    assert_eq!(h["state"], "busy");
-    assert_eq!(h["task_id"], "task:{1} é");
+    // Exactly the fields the README lists for a busy slot.
+    let mut fields: Vec<&str> = h.keys().map(String::as_str).collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        ["backend", "backends", "due", "lease", "start", "task", "timeout"]
+    );
+    assert_eq!(h["task"], "task:{1} é");
     assert_eq!(h["backend"], "Jobs");
     assert_eq!(h["lease"], lease.to_string());
-    assert_eq!(h["timeout_ms"], "90000");
+    assert_eq!(h["timeout"], "90000");
     assert_eq!(h["backends"], r#"["Jobs"]"#);
-    let deadline: u64 = h["deadline_ms"].parse().unwrap();
-    let started: u64 = h["started_at_ms"].parse().unwrap();
+    let deadline: u64 = h["due"].parse().unwrap();
+    let started: u64 = h["start"].parse().unwrap();
     assert_eq!(deadline - started, 90_000);
     let owner: String = redis::cmd("HGET")
         .arg(key(&name, "tasks"))

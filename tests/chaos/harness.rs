@@ -1091,7 +1091,7 @@ impl Run<'_> {
                 .arg(&key)
                 .query(&mut conn)
                 .unwrap_or_default();
-            let busy = fields.get("state").map(String::as_str) == Some("busy");
+            let busy = fields.contains_key("task") && !fields.contains_key("stopping");
             if how != "wrong_type" && !busy {
                 let _: redis::RedisResult<()> = redis::cmd("UNWATCH").query(&mut conn);
                 continue;
@@ -1100,10 +1100,10 @@ impl Run<'_> {
             tx.atomic();
             match how {
                 "garbage_number" => {
-                    tx.cmd("HSET").arg(&key).arg("deadline_ms").arg(self.garbage());
+                    tx.cmd("HSET").arg(&key).arg("due").arg(self.garbage());
                 }
                 "missing_field" => {
-                    tx.cmd("HDEL").arg(&key).arg("started_at_ms");
+                    tx.cmd("HDEL").arg(&key).arg("start");
                 }
                 _ => {
                     tx.cmd("DEL").arg(&key).cmd("RPUSH").arg(&key).arg("hand-edited");
@@ -1112,12 +1112,12 @@ impl Run<'_> {
             let done: redis::RedisResult<Option<redis::Value>> = tx.query(&mut conn);
             if let Ok(Some(_)) = done {
                 let lease = fields.get("lease").and_then(|l| l.parse::<u64>().ok());
-                let task = fields.get("task_id").cloned();
+                let task = fields.get("task").cloned();
                 self.corrupted.insert(slot.clone());
                 let value = (how == "garbage_number").then(|| self.garbage());
                 self.fault(
                     "corrupt",
-                    json!({ "slot": slot, "how": how, "value": value, "state": fields.get("state"), "task": task, "lease": lease }),
+                    json!({ "slot": slot, "how": how, "value": value, "state": if busy { "busy" } else { "other" }, "task": task, "lease": lease }),
                 );
                 return true;
             }

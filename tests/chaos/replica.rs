@@ -218,7 +218,7 @@ impl Chaos {
         let key = format!("task_semaphore:{{{}}}:slot:{slot}", self.name);
         let fields: Vec<Option<String>> = self
             .state
-            .query(redis::cmd("HMGET").arg(key).arg("task_id").arg("lease"))
+            .query(redis::cmd("HMGET").arg(key).arg("task").arg("lease"))
             .await
             .ok()?;
         match fields.as_slice() {
