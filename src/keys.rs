@@ -8,8 +8,6 @@
 pub(crate) struct Keys {
     /// `{prefix}:{name}:`, the start of every key.
     base: String,
-    /// SET of every registered slot id.
-    pub(crate) slots: String,
     /// SET of the ids of idle slots.
     pub(crate) idle: String,
     /// ZSET slot id -> deadline (busy) or reclaim time (stopping), in ms.
@@ -28,7 +26,6 @@ impl Keys {
     pub(crate) fn new(prefix: &str, name: &str) -> Self {
         let base = format!("{prefix}:{{{name}}}:");
         Keys {
-            slots: format!("{base}slots"),
             idle: format!("{base}idle"),
             deadlines: format!("{base}deadlines"),
             tasks: format!("{base}tasks"),
@@ -42,6 +39,17 @@ impl Keys {
     /// HASH holding the state of one slot.
     pub(crate) fn slot(&self, slot_id: &str) -> String {
         format!("{}slot:{slot_id}", self.base)
+    }
+
+    /// The glob pattern matching every slot hash (there is no registry of slots: the
+    /// hashes are it).
+    pub(crate) fn slot_pattern(&self) -> String {
+        format!("{}slot:*", self.base)
+    }
+
+    /// The slot id in a key that matches [`Keys::slot_pattern`].
+    pub(crate) fn slot_id_of<'k>(&self, key: &'k str) -> Option<&'k str> {
+        key.strip_prefix(&self.base)?.strip_prefix("slot:")
     }
 
     /// The glob pattern matching every key of the scheduler (for operators' `SCAN`).
@@ -58,18 +66,13 @@ mod tests {
     /// Every key carries the scheduler's hash tag.
     fn keys_share_the_hash_tag() {
         let k = Keys::new("task_semaphore", "jobs");
-        for key in [
-            &k.slots,
-            &k.idle,
-            &k.deadlines,
-            &k.tasks,
-            &k.ended,
-            &k.lease,
-            &k.slot("1"),
-        ] {
+        for key in [&k.idle, &k.deadlines, &k.tasks, &k.ended, &k.lease, &k.slot("1")] {
             assert!(key.starts_with("task_semaphore:{jobs}:"), "{key}");
         }
         assert_eq!(k.slot("eu-2"), "task_semaphore:{jobs}:slot:eu-2");
         assert_eq!(k.pattern(), "task_semaphore:{jobs}:*");
+        assert_eq!(k.slot_pattern(), "task_semaphore:{jobs}:slot:*");
+        assert_eq!(k.slot_id_of(&k.slot("a:b*")), Some("a:b*"));
+        assert_eq!(k.slot_id_of("task_semaphore:{jobs}:idle"), None);
     }
 }

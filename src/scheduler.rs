@@ -1430,8 +1430,8 @@ impl Scheduler {
     }
 }
 
-/// Reads the state of a scheduler without its config or backends: the slots every
-/// replica registered, for operators' tools (`task-semaphore inspect`).
+/// Reads the state of a scheduler without its config or backends: every slot hash
+/// in Redis (found by `SCAN`), for operators' tools (`task-semaphore inspect`).
 ///
 /// # Errors
 /// As for [`Scheduler::inspect`], plus [`Error::Config`] for an invalid name or prefix.
@@ -1441,9 +1441,32 @@ pub async fn inspect_redis(redis_url: &str, key_prefix: &str, name: &str) -> Res
     let timeout = Duration::from_secs(5);
     let redis = Redis::new(make_pool(redis_url, None, timeout)?, timeout);
     let keys = Keys::new(key_prefix, name);
-    let mut ids: Vec<String> = redis
-        .query("listing slots", redis::cmd("SMEMBERS").arg(&keys.slots))
-        .await?;
+    // The slot hashes are the registry: SCAN finds them (an operator's tool, so
+    // a pass over the keyspace is fine; nothing on the scheduler's path does this).
+    let mut ids: Vec<String> = Vec::new();
+    let pattern = keys.slot_pattern();
+    let mut cursor = 0u64;
+    loop {
+        let (next, found): (u64, Vec<String>) = redis
+            .query(
+                "listing slots",
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000),
+            )
+            .await?;
+        ids.extend(found.iter().filter_map(|k| keys.slot_id_of(k)).map(str::to_owned));
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    // SCAN may return a key twice.
+    ids.sort_unstable();
+    ids.dedup();
     // Numbers in numeric order, then the rest by text.
     ids.sort_by(|a, b| match (strict_u64(a), strict_u64(b)) {
         (Some(x), Some(y)) => x.cmp(&y),

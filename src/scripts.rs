@@ -217,7 +217,7 @@ pub(crate) struct RegisterSlot<'a> {
 pub(crate) async fn register(redis: &Redis, keys: &Keys, slots: &[RegisterSlot<'_>]) -> Result<Vec<String>> {
     let script = &scripts()?.register;
     let mut inv = script.call();
-    inv.key(&keys.slots).key(&keys.idle).key(&keys.deadlines);
+    inv.key(&keys.idle).key(&keys.deadlines);
     let slot_keys: Vec<String> = slots.iter().map(|s| keys.slot(s.slot_id)).collect();
     for (slot, key) in slots.iter().zip(&slot_keys) {
         inv.key(key)
@@ -226,7 +226,7 @@ pub(crate) async fn register(redis: &Redis, keys: &Keys, slots: &[RegisterSlot<'
             .arg(slot.timeout_ms);
     }
     let value: Value = redis.eval("registering slots", &inv).await.map_err(|e| {
-        let mut all = vec![keys.slots.as_str(), &keys.idle, &keys.deadlines];
+        let mut all = vec![keys.idle.as_str(), &keys.deadlines];
         all.extend(slot_keys.iter().map(String::as_str));
         corrupt_or(e, &all)
     })?;

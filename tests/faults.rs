@@ -706,16 +706,16 @@ async fn corrupt_lease_counter_refuses_claims() {
     s.keepalive("a").await.unwrap();
     s.stop("a").await.unwrap();
     assert_eq!(fake.ledger().events_of("a"), ["start", "keepalive", "stop"]);
-    // A new replica sees the foreign slots set too (once the counter is mended).
+    // A new replica sees a foreign idle set too (once the counter is mended).
     let _: () = redis::cmd("SET")
         .arg(&lease_key)
         .arg("7")
         .query_async(&mut conn)
         .await
         .unwrap();
-    let slots_key = key(&name, "slots");
-    replace_with_string(&mut conn, &slots_key).await;
-    assert_corrupt(builder(&name, &fake, 2, LONG).build().await, &slots_key, "build");
+    let idle_key = key(&name, "idle");
+    replace_with_string(&mut conn, &idle_key).await;
+    assert_corrupt(builder(&name, &fake, 2, LONG).build().await, &idle_key, "build");
 }
 
 #[tokio::test]
