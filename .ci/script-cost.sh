@@ -26,7 +26,8 @@ valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out" --collect-atstart=n
   redis-server --port "$port" --save '' --appendonly no \
   --slowlog-log-slower-than 0 --slowlog-max-len 1000000 >"$dir/valgrind.log" 2>&1 &
 vpid=$!
-trap 'kill $vpid 2>/dev/null || true; rm -rf "$dir"' EXIT
+# SCRIPT_COST_KEEP=1 keeps the callgrind dumps (for callgrind_annotate) and prints where.
+trap 'kill $vpid 2>/dev/null || true; if [ -n "${SCRIPT_COST_KEEP:-}" ]; then echo "dumps kept in $dir" >&2; else rm -rf "$dir"; fi' EXIT
 for _ in $(seq 1 150); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.2; done
 REDIS_URL="redis://127.0.0.1:$port" ./target/release/task-semaphore workload "${args[@]}"
 
@@ -56,7 +57,7 @@ import os, re, sys
 d = sys.argv[1]
 names = dict(l.split() for l in open(f"{d}/names"))
 # Fixed KEYS of each script; the rest are slot keys.
-fixed = {"claim": 6, "sweep": 4, "free": 2, "register": 3, "tick": 4, "keepalive": 3, "release": 5, "epoch": 2}
+fixed = {"claim": 6, "sweep": 4, "free": 2, "register": 2, "tick": 4, "keepalive": 3, "release": 5, "epoch": 2}
 calls = [l.split() for l in open(f"{d}/calls") if l.strip()]
 dumps = sorted((int(m.group(1)), f) for f in os.listdir(d) if (m := re.fullmatch(r"cg\.out\.(\d+)", f)))
 if len(dumps) != len(calls):
@@ -75,4 +76,8 @@ print(f"{'script':<10} {'calls':>6} {'instructions':>14} {'per call':>10} {'slot
 for name, (n, ir, slots) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
     per_slot = f"{ir // slots:,}" if slots else "-"
     print(f"{name:<10} {n:>6} {ir:>14,} {ir // n:>10,} {slots:>7} {per_slot:>9}")
+if os.environ.get("SCRIPT_COST_KEEP"):
+    with open(f"{d}/scripts", "w") as out:
+        for (_, f), (_, sha, _) in zip(dumps, calls):
+            out.write(f"{f} {names.get(sha, sha[:8])}\n")
 EOF

@@ -60,7 +60,7 @@ end
 -- A slot hash has no state field: the state follows from the fields (README, "Redis
 -- keys"), which keeps a busy slot's hash small. Every slot has `backends` and
 -- `timeout`; a held one (busy or stopping) also `task`, `backend`, `lease`, `start`
--- and `due`; a stopping one also `stopping` (the reason), `stopped` and `reclaim`.
+-- and `due`; a stopping one also `stopping` (the reason) and `reclaim`.
 -- Fields read_slot reads, in this order (one HMGET).
 local SLOT_FIELDS = {'task', 'stopping', 'timeout', 'lease', 'due', 'start', 'backend'}
 
@@ -116,7 +116,7 @@ local function read_slot(key)
 end
 
 -- The fields a slot drops when it becomes idle again (its config stays).
-local HOLDER_FIELDS = {'task', 'backend', 'lease', 'start', 'due', 'stopping', 'stopped', 'reclaim'}
+local HOLDER_FIELDS = {'task', 'backend', 'lease', 'start', 'due', 'stopping', 'reclaim'}
 
 -- Clears a slot's holder: idle (the caller updates idle and deadlines).
 local function clear_holder(slot_key)

@@ -32,7 +32,7 @@ if mode == 'idle' then
   make_idle(slot_key, slot_id, idle_key, deadlines_key)
 else
   local reclaim_at = int_s(now + s.timeout)
-  redis.call('HSET', slot_key, 'stopping', reason, 'stopped', int_s(now), 'reclaim', reclaim_at)
+  redis.call('HSET', slot_key, 'stopping', reason, 'reclaim', reclaim_at)
   redis.call('ZADD', deadlines_key, reclaim_at, slot_id)
 end
 return {'OK', now, s.lease, s.backend}

@@ -1,6 +1,6 @@
 -- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[3] tasks hash  KEYS[4] ended zset
 -- KEYS[4+i] slot hash i   -- ARGV[i] slot id i
--- Returns  {now_ms, {slot_id, "timed_out", task_id, backend, lease, due},
+-- Returns  {now_ms, {slot_id, "timed_out", task_id, backend, lease},
 --           {slot_id, "reclaimed", task_id, backend, lease, stopping reason},
 --           {slot_id, "corrupt", why}, ...}; slots not due are left out.
 -- Takes every due slot in one step. A busy slot past its deadline becomes "stopping"
@@ -44,14 +44,14 @@ for i = 1, n do
     stale_deadlines[#stale_deadlines + 1] = id
   elseif s.state == 'busy' and s.due <= now then
     local reclaim = reclaim_at(s.timeout)
-    redis.call('HSET', key, 'stopping', 'timeout', 'stopped', now_s, 'reclaim', reclaim)
+    redis.call('HSET', key, 'stopping', 'timeout', 'reclaim', reclaim)
     new_deadlines[#new_deadlines + 1] = reclaim
     new_deadlines[#new_deadlines + 1] = id
     expired_tasks[#expired_tasks + 1] = s.task
     expired_slots[#expired_slots + 1] = id
     ended[#ended + 1] = now_s
     ended[#ended + 1] = s.task
-    out[#out + 1] = {id, 'timed_out', s.task, s.backend, s.lease, s.due}
+    out[#out + 1] = {id, 'timed_out', s.task, s.backend, s.lease}
   elseif s.state == 'stopping' and s.reclaim <= now then
     local reclaim = reclaim_at(s.timeout)
     redis.call('HSET', key, 'reclaim', reclaim)
