@@ -3,7 +3,8 @@
 -- ARGV[1] stale_after_ms: how old a poll may be
 -- ARGV[2+5(i-1) ..] claim i: slot id, task id, backend, timeout ms,
 --   polled_at_ms (Redis time of a reply received before the poll began)
--- Returns  {now_ms, status_1, lease_1, ..., status_n, lease_n}; lease is 0 unless OK.
+-- Returns  a packed reply (see `put` in common.lua): now_ms, then status_i and lease_i
+--   of each claim; lease is "0" unless OK.
 -- Status per claim, taken in order (a task id given twice is TASK_BUSY the 2nd time):
 --   OK, SLOT_BUSY, TASK_BUSY, STALE, QUARANTINE, or "CORRUPT <why>" for an unreadable
 --   slot hash (that claim only). A foreign shared key aborts the whole call, before
@@ -79,7 +80,8 @@ end
 
 local now = now_ms()
 local now_s = int_s(now)
-local out = {now}
+local out = {}
+put(out, now_s)
 local taken, held = {}, {}
 -- Writes to the shared keys are gathered and sent once at the end. Numbers become
 -- strings once (a Lua number passed to redis.call is formatted each time).
@@ -112,8 +114,8 @@ for i = 1, n do
     end
   end
   if status then
-    out[#out + 1] = status
-    out[#out + 1] = 0
+    put(out, status)
+    put(out, '0')
   else
     lease = lease + 1
     local deadline = deadline_of[c.timeout]
@@ -135,8 +137,8 @@ for i = 1, n do
       -- A task that ended before (re-queued) is no longer "recently ended".
       reused[#reused + 1] = c.task_id
     end
-    out[#out + 1] = 'OK'
-    out[#out + 1] = lease
+    put(out, 'OK')
+    put(out, lease_s)
   end
 end
 if lease ~= first_lease then
@@ -150,4 +152,4 @@ end
 if #not_idle > 0 then
   redis.call('SREM', idle_key, unpack(not_idle))
 end
-return out
+return table.concat(out)

@@ -57,6 +57,22 @@ local function strict_int(v)
   return tonumber(v)
 end
 
+-- Replies that carry many values (sweep, claim) are one bulk string of tokens
+-- "<byte length>:<bytes>", read by `Packed` in src/scripts.rs: for 100 slots that
+-- is about 8x cheaper, in Redis and in the client together, than nested arrays.
+local LEN = setmetatable({}, {__index = function(t, n)
+  local s = n .. ':'
+  t[n] = s
+  return s
+end})
+
+-- Appends the string v to the token list `out` (see LEN).
+local function put(out, v)
+  local n = #out
+  out[n + 1] = LEN[#v]
+  out[n + 2] = v
+end
+
 -- A slot hash has no state field: the state follows from the fields (README, "Redis
 -- keys"), which keeps a busy slot's hash small. Every slot has `backends` and
 -- `timeout`; a held one (busy or stopping) also `task`, `backend`, `lease`, `start`
@@ -88,8 +104,8 @@ local function read_slot(key)
   end
   -- One constructor (sized once), not a table grown field by field.
   local s = {state = r[2] and 'stopping' or 'busy', task = r[1], stopping = r[2] or nil,
-    timeout = timeout, lease = strict_int(r[4]), due = strict_int(r[5]), backend = r[7] or nil,
-    reclaim = nil}
+    timeout = timeout, lease = strict_int(r[4]), lease_s = r[4], due = strict_int(r[5]),
+    backend = r[7] or nil, reclaim = nil}
   if r[1] == '' or not s.backend then
     return nil, 'has no task or backend'
   end

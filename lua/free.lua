@@ -1,7 +1,8 @@
 -- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[2+i] slot hash i
 -- ARGV[2i-1] slot id i  ARGV[2i] lease that stopped in slot i
--- Returns  {freed_1, ..., freed_n}: 1 when slot i was stopping with that lease and is
--- idle now; 0 when it was not (a sweep reclaimed it first, or it is corrupt).
+-- Returns  a string of n characters: "1" when slot i was stopping with that lease and
+-- is idle now; "0" when it was not (a sweep reclaimed it first, or it is corrupt). One
+-- string is cheaper to build and to read than an array of n integers.
 -- Called once the stop/timeout callbacks of the lease have returned.
 check_type(KEYS[1], 'zset')
 check_type(KEYS[2], 'set')
@@ -21,13 +22,13 @@ for i = 1, n do
   if s and s[1] and s[2] == ARGV[2 * i] then
     clear_holder(KEYS[2 + i])
     freed[#freed + 1] = ARGV[2 * i - 1]
-    out[i] = 1
+    out[i] = '1'
   else
-    out[i] = 0
+    out[i] = '0'
   end
 end
 if #freed > 0 then
   redis.call('SADD', KEYS[2], unpack(freed))
   redis.call('ZREM', KEYS[1], unpack(freed))
 end
-return out
+return table.concat(out)

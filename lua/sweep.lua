@@ -1,8 +1,8 @@
 -- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[3] tasks hash  KEYS[4] ended zset
 -- KEYS[4+i] slot hash i   -- ARGV[i] slot id i
--- Returns  {now_ms, {slot_id, "timed_out", task_id, backend, lease},
---           {slot_id, "reclaimed", task_id, backend, lease, stopping reason},
---           {slot_id, "corrupt", why}, ...}; slots not due are left out.
+-- Returns  a packed reply (see `put` in common.lua): now_ms, then one record per slot,
+--   in order: "T" task backend lease (timed out), "R" task backend lease reason
+--   (reclaimed), "C" why (corrupt), or "-" (not due: left alone).
 -- Takes every due slot in one step. A busy slot past its deadline becomes "stopping"
 -- (its task leaves the index; the slot is not claimable until the caller's free, or
 -- until `reclaim` = now + timeout if that caller dies). A stopping slot past
@@ -34,14 +34,17 @@ end
 
 -- Writes to the shared keys are gathered and sent once at the end.
 local stale_deadlines, new_deadlines, ended, expired_tasks, expired_slots = {}, {}, {}, {}, {}
-local out = {now}
+local out = {}
+put(out, now_s)
 for i = 1, n do
   local key, id, s = KEYS[4 + i], ARGV[i], slots[i]
   if reasons[i] then
-    out[#out + 1] = {id, 'corrupt', reasons[i]}
+    put(out, 'C')
+    put(out, reasons[i])
   elseif s.state == 'idle' then
     -- A stale deadline of an idle slot (a hand edit, or a lost reply): drop it.
     stale_deadlines[#stale_deadlines + 1] = id
+    put(out, '-')
   elseif s.state == 'busy' and s.due <= now then
     local reclaim = reclaim_at(s.timeout)
     redis.call('HSET', key, 'stopping', 'timeout', 'reclaim', reclaim)
@@ -51,13 +54,22 @@ for i = 1, n do
     expired_slots[#expired_slots + 1] = id
     ended[#ended + 1] = now_s
     ended[#ended + 1] = s.task
-    out[#out + 1] = {id, 'timed_out', s.task, s.backend, s.lease}
+    put(out, 'T')
+    put(out, s.task)
+    put(out, s.backend)
+    put(out, s.lease_s)
   elseif s.state == 'stopping' and s.reclaim <= now then
     local reclaim = reclaim_at(s.timeout)
     redis.call('HSET', key, 'reclaim', reclaim)
     new_deadlines[#new_deadlines + 1] = reclaim
     new_deadlines[#new_deadlines + 1] = id
-    out[#out + 1] = {id, 'reclaimed', s.task, s.backend, s.lease, s.stopping}
+    put(out, 'R')
+    put(out, s.task)
+    put(out, s.backend)
+    put(out, s.lease_s)
+    put(out, s.stopping)
+  else
+    put(out, '-')
   end
 end
 if #stale_deadlines > 0 then
@@ -80,4 +92,4 @@ if #expired_tasks > 0 then
   end
   redis.call('ZADD', KEYS[4], unpack(ended))
 end
-return out
+return table.concat(out)

@@ -168,6 +168,47 @@ fn bad_reply(script: &'static str, value: &Value) -> Error {
 }
 
 /// Small readers for script replies.
+/// A packed reply: one bulk string of tokens `<byte length>:<bytes>` (`put` in
+/// lua/common.lua), for replies with many values.
+struct Packed<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Packed<'a> {
+    fn of(v: &'a Value) -> Option<Self> {
+        match v {
+            Value::BulkString(b) => Some(Packed { rest: b }),
+            _ => None,
+        }
+    }
+
+    /// The next token's bytes; `None` at the end or on a malformed token.
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let colon = self.rest.iter().position(|&b| b == b':')?;
+        let len: usize = std::str::from_utf8(&self.rest[..colon]).ok()?.parse().ok()?;
+        let start = colon + 1;
+        let token = self.rest.get(start..start.checked_add(len)?)?;
+        self.rest = &self.rest[start + len..];
+        Some(token)
+    }
+
+    fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.bytes()?).ok()
+    }
+
+    fn text(&mut self) -> Option<String> {
+        self.str().map(str::to_owned)
+    }
+
+    fn int(&mut self) -> Option<u64> {
+        self.str()?.parse().ok()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+}
+
 fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
@@ -380,42 +421,37 @@ pub(crate) async fn sweep(redis: &Redis, keys: &Keys, slot_ids: &[String]) -> Re
         .eval("sweeping expired slots", &inv)
         .await
         .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle, &keys.tasks, &keys.ended]))?;
-    let parse = |item: &Value| -> Option<Swept> {
-        let a = array(item)?;
-        let slot_id = text(a.first()?)?;
-        let kind = text(a.get(1)?)?;
-        Some(match kind.as_str() {
-            "corrupt" => Swept::Corrupt {
-                slot_id,
-                why: text(a.get(2)?)?,
-            },
-            "timed_out" | "reclaimed" => {
-                let (task_id, backend, lease) = (text(a.get(2)?)?, text(a.get(3)?)?, int(a.get(4)?)?);
-                if kind == "timed_out" {
-                    Swept::TimedOut {
-                        slot_id,
-                        task_id,
-                        backend,
-                        lease,
-                    }
-                } else {
-                    Swept::Reclaimed {
-                        slot_id,
-                        task_id,
-                        backend,
-                        lease,
-                        timed_out: text(a.get(5)?)? == "timeout",
-                    }
-                }
+    let parse = || -> Option<(u64, Vec<Swept>)> {
+        let mut p = Packed::of(&value)?;
+        let now = p.int()?;
+        let mut swept = Vec::with_capacity(slot_ids.len());
+        for id in slot_ids {
+            let slot_id = id.clone();
+            match p.str()? {
+                "-" => {}
+                "C" => swept.push(Swept::Corrupt {
+                    slot_id,
+                    why: p.text()?,
+                }),
+                "T" => swept.push(Swept::TimedOut {
+                    slot_id,
+                    task_id: p.text()?,
+                    backend: p.text()?,
+                    lease: p.int()?,
+                }),
+                "R" => swept.push(Swept::Reclaimed {
+                    slot_id,
+                    task_id: p.text()?,
+                    backend: p.text()?,
+                    lease: p.int()?,
+                    timed_out: p.str()? == "timeout",
+                }),
+                _ => return None,
             }
-            _ => return None,
-        })
+        }
+        p.is_empty().then_some((now, swept))
     };
-    let items = array(&value).ok_or_else(|| bad_reply("sweep", &value))?;
-    let (now, rest) = items.split_first().ok_or_else(|| bad_reply("sweep", &value))?;
-    let now = int(now).ok_or_else(|| bad_reply("sweep", &value))?;
-    let swept = rest.iter().map(parse).collect::<Option<Vec<_>>>();
-    Ok((now, swept.ok_or_else(|| bad_reply("sweep", &value))?))
+    parse().ok_or_else(|| bad_reply("sweep", &value))
 }
 
 // ---------------------------------------------------------------- claim.lua
@@ -483,30 +519,25 @@ pub(crate) async fn claim(
             ],
         )
     })?;
-    let parsed = array(&value).and_then(|a| {
-        let (now, rest) = a.split_first()?;
-        if rest.len() != 2 * claims.len() {
-            return None;
+    let parse = || -> Option<(u64, Vec<Claim>)> {
+        let mut p = Packed::of(&value)?;
+        let now = p.int()?;
+        let mut outcomes = Vec::with_capacity(claims.len());
+        for _ in claims {
+            let status = p.str()?;
+            let lease = p.int()?;
+            outcomes.push(match status {
+                "OK" => Claim::Ok { lease },
+                "SLOT_BUSY" => Claim::SlotBusy,
+                "TASK_BUSY" => Claim::TaskBusy,
+                "STALE" => Claim::Stale,
+                "QUARANTINE" => Claim::Quarantine,
+                other => Claim::Corrupt(other.strip_prefix("CORRUPT ")?.to_owned()),
+            });
         }
-        let outcomes = rest
-            .chunks(2)
-            .map(|pair| {
-                let status = text(&pair[0])?;
-                Some(match status.as_str() {
-                    "OK" => Claim::Ok {
-                        lease: int(&pair[1])?,
-                    },
-                    "SLOT_BUSY" => Claim::SlotBusy,
-                    "TASK_BUSY" => Claim::TaskBusy,
-                    "STALE" => Claim::Stale,
-                    "QUARANTINE" => Claim::Quarantine,
-                    other => Claim::Corrupt(other.strip_prefix("CORRUPT ")?.to_owned()),
-                })
-            })
-            .collect::<Option<Vec<_>>>()?;
-        Some((int(now)?, outcomes))
-    });
-    parsed.ok_or_else(|| bad_reply("claim", &value))
+        p.is_empty().then_some((now, outcomes))
+    };
+    parse().ok_or_else(|| bad_reply("claim", &value))
 }
 
 // ---------------------------------------------------------------- keepalive.lua / release.lua
@@ -646,12 +677,52 @@ pub(crate) async fn free(redis: &Redis, keys: &Keys, slots: &[(String, u64)]) ->
         .eval("freeing slots", &inv)
         .await
         .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle]))?;
-    let flags = array(&value)
-        .and_then(|a| {
-            a.iter()
-                .map(|v| int(v).map(|i| i == 1))
-                .collect::<Option<Vec<_>>>()
-        })
-        .filter(|f| f.len() == slots.len());
+    let flags = match &value {
+        Value::BulkString(b) if b.len() == slots.len() => b
+            .iter()
+            .map(|c| match c {
+                b'1' => Some(true),
+                b'0' => Some(false),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>(),
+        _ => None,
+    };
     flags.ok_or_else(|| bad_reply("free", &value))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+    use super::*;
+
+    fn packed(bytes: &[u8]) -> Value {
+        Value::BulkString(bytes.to_vec())
+    }
+
+    #[test]
+    /// Tokens carry any bytes (colons, newlines, digits); a malformed or cut token is
+    /// None, never a panic.
+    fn packed_tokens() {
+        let v = packed("3:a:b0:5:\n{é}13:1795875336489".as_bytes());
+        let mut p = Packed::of(&v).expect("a bulk string");
+        assert_eq!(p.str(), Some("a:b"));
+        assert_eq!(p.str(), Some(""));
+        assert_eq!(p.text().as_deref(), Some("\n{é}"));
+        assert_eq!(p.int(), Some(1_795_875_336_489));
+        assert!(p.is_empty());
+        assert_eq!(p.bytes(), None);
+        for bad in [
+            &b"4:abc"[..],
+            b"x:a",
+            b"3",
+            b":abc",
+            b"99999999999999999999999:a",
+            b"-1:a",
+        ] {
+            let v = packed(bad);
+            assert_eq!(Packed::of(&v).and_then(|mut p| p.bytes()), None, "{bad:?}");
+        }
+        assert!(Packed::of(&Value::Int(1)).is_none());
+    }
 }

@@ -577,11 +577,11 @@ impl Targets {
             .key(&slot_key)
             .arg(&slot_id)
             .arg(&lease);
-        let freed: Vec<i64> = free
+        let freed: String = free
             .invoke_async(&mut conn)
             .await
             .map_err(|e| format!("raw free: {e}"))?;
-        if freed != [1] {
+        if freed != "1" {
             return Err(format!("raw free replied {freed:?}"));
         }
 
@@ -605,14 +605,34 @@ impl Targets {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| format!("raw claim: {e}"))?;
-        // {now, status, lease}
+        // Packed tokens: now, status, lease (lua/common.lua, `put`).
         match &claimed {
-            Value::Array(items) if items.get(1).and_then(text).as_deref() == Some("OK") => {}
+            Value::BulkString(b) if packed_tokens(b).get(1) == Some(&&b"OK"[..]) => {}
             other => return Err(format!("raw claim replied {other:?}")),
         }
         *lock(&fleet.current[i]) = new_task;
         Ok(())
     }
+}
+
+/// The tokens `<byte length>:<bytes>` of a packed reply (lua/common.lua, `put`); stops
+/// at the first malformed one.
+fn packed_tokens(mut rest: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    while let Some(colon) = rest.iter().position(|&c| c == b':') {
+        let Some(len) = std::str::from_utf8(&rest[..colon])
+            .ok()
+            .and_then(|l| l.parse::<usize>().ok())
+        else {
+            break;
+        };
+        let Some(token) = rest.get(colon + 1..colon + 1 + len) else {
+            break;
+        };
+        out.push(token);
+        rest = &rest[colon + 1 + len..];
+    }
+    out
 }
 
 // ------------------------------------------------------------------ throughput
