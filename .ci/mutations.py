@@ -14,7 +14,7 @@ M = [
  ("M7 keepalive revives expired", "lua/keepalive.lua", "if s.due <= now then", "if false then"),
  ("M8 index owner unchecked", "lua/common.lua", "if owner ~= slot_id then\n    return nil, {'MOVED', owner}", "if false then\n    return nil, {'MOVED', owner}"),
  ("M9 sweep leaves slot busy", "lua/sweep.lua", "    redis.call('HSET', key, 'stopping', 'timeout', 'stopped', now_s, 'reclaim', reclaim)\n", ""),
- ("M10 slot type unchecked", "lua/common.lua", "local r = redis.pcall('HMGET', key, unpack(SLOT_FIELDS))", "local r = redis.call('HMGET', key, unpack(SLOT_FIELDS))"),
+ ("M10 slot type unchecked", "lua/common.lua", "local r = redis.pcall('HMGET', key, 'task',", "local r = redis.call('HMGET', key, 'task',"),
  ("M12 stopping slots never reclaimed", "lua/sweep.lua", "elseif s.state == 'stopping' and s.reclaim <= now then", "elseif false then"),
  ("M13 claim skips lease counter check", "lua/claim.lua", "if last_lease and strict_int(last_lease) == nil then", "if false then"),
  ("M14 keepalive ignores lease", "lua/keepalive.lua", "if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then", "if false then"),
@@ -29,6 +29,7 @@ M = [
  ("M23 slot read skips the check of start", "lua/common.lua", "  if not is_int(r[6]) then", "  if false then"),
  ("M24 holder fields without a task read as idle", "lua/common.lua", "    if r[2] or r[4] or r[5] or r[6] or r[7] then", "    if r[2] then"),
  ("M25 claim takes a slot with holder fields", "lua/claim.lua", "is_int(r[1]) and not r[2] and not r[3] and not r[4] then", "is_int(r[1]) and not r[2] then"),
+ ("M26 claim keeps the deadlines it added when idle is foreign", "lua/claim.lua", "      redis.call('ZREM', deadlines_key, unpack(added))", "      local _ = added"),
  ("M11 strict numbers off", "lua/common.lua", "not not string.match(v, '^%d+$')", "true"),
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

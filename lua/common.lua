@@ -60,14 +60,19 @@ end
 -- Replies that carry many values (sweep, claim) are one bulk string of tokens
 -- "<byte length>:<bytes>", read by `Packed` in src/scripts.rs: for 100 slots that
 -- is about 8x cheaper, in Redis and in the client together, than nested arrays.
-local LEN = setmetatable({}, {__index = function(t, n)
-  local s = n .. ':'
-  t[n] = s
-  return s
-end})
+-- LEN[n] is "n:", made once per length per call, and only by scripts that pack (each
+-- call runs this whole file: a table made here would cost every script).
+local LEN
 
 -- Appends the string v to the token list `out` (see LEN).
 local function put(out, v)
+  if not LEN then
+    LEN = setmetatable({}, {__index = function(t, len)
+      local s = len .. ':'
+      t[len] = s
+      return s
+    end})
+  end
   local n = #out
   out[n + 1] = LEN[#v]
   out[n + 2] = v
@@ -77,15 +82,14 @@ end
 -- keys"), which keeps a busy slot's hash small. Every slot has `backends` and
 -- `timeout`; a held one (busy or stopping) also `task`, `backend`, `lease`, `start`
 -- and `due`; a stopping one also `stopping` (the reason) and `reclaim`.
--- Fields read_slot reads, in this order (one HMGET).
-local SLOT_FIELDS = {'task', 'stopping', 'timeout', 'lease', 'due', 'start', 'backend'}
 
 -- Reads and validates a slot hash with one HMGET (a stopping slot needs a second one
 -- for `reclaim`). Returns the slot as a table, its state derived: "idle" (no task),
 -- "stopping" (a reason) or "busy"; numbers parsed. Or nil and the reason it is
 -- unreadable (a missing key, another type, a bad or missing field). Never writes.
 local function read_slot(key)
-  local r = redis.pcall('HMGET', key, unpack(SLOT_FIELDS))
+  -- Field names inline, not in a table: every call of every script runs this file.
+  local r = redis.pcall('HMGET', key, 'task', 'stopping', 'timeout', 'lease', 'due', 'start', 'backend')
   if r.err then
     return nil, 'is a ' .. redis.call('TYPE', key)['ok'] .. ', expected a hash'
   end
@@ -131,12 +135,10 @@ local function read_slot(key)
   return s
 end
 
--- The fields a slot drops when it becomes idle again (its config stays).
-local HOLDER_FIELDS = {'task', 'backend', 'lease', 'start', 'due', 'stopping', 'reclaim'}
-
--- Clears a slot's holder: idle (the caller updates idle and deadlines).
+-- Clears a slot's holder, so it is idle (the caller updates idle and deadlines): it
+-- drops every holder field and keeps its config.
 local function clear_holder(slot_key)
-  redis.call('HDEL', slot_key, unpack(HOLDER_FIELDS))
+  redis.call('HDEL', slot_key, 'task', 'backend', 'lease', 'start', 'due', 'stopping', 'reclaim')
 end
 
 -- Makes a slot idle: clears the holder, queues it in the idle set, drops its deadline.

@@ -89,6 +89,17 @@ async fn claim_one(
     task: &str,
     polled_at_ms: u64,
 ) -> Vec<String> {
+    texts(&try_claim_one(conn, name, slot_id, task, polled_at_ms).await.unwrap())
+}
+
+/// claim_one, with the script's error as it is.
+async fn try_claim_one(
+    conn: &mut redis::aio::MultiplexedConnection,
+    name: &str,
+    slot_id: &str,
+    task: &str,
+    polled_at_ms: u64,
+) -> redis::RedisResult<Value> {
     let claim = script("claim.lua");
     let mut inv = claim.prepare_invoke();
     for k in ["tasks", "deadlines", "idle", "ended", "lease", "epoch"] {
@@ -101,8 +112,67 @@ async fn claim_one(
         .arg("Jobs")
         .arg(1000)
         .arg(polled_at_ms);
-    let out: Value = inv.invoke_async(conn).await.unwrap();
-    texts(&out)
+    inv.invoke_async(conn).await
+}
+
+/// Redis time in ms.
+async fn now_ms(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let now: (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+    now.0 * 1000 + now.1 / 1000
+}
+
+#[tokio::test]
+/// claim.lua type-checks deadlines and idle by writing them first: a foreign one
+/// fails the claim naming it, with nothing written (no deadline left behind, slot 2
+/// still idle, no index entry, the lease counter as it was).
+async fn claim_with_a_foreign_deadlines_or_idle_writes_nothing() {
+    for which in ["deadlines", "idle"] {
+        let (name, mut conn, _s) = setup(&format!("claimtype-{which}")).await;
+        let foreign = key(&name, which);
+        let _: () = redis::cmd("SET")
+            .arg(&foreign)
+            .arg("foreign data")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let deadlines_before: Option<Vec<u8>> = redis::cmd("DUMP")
+            .arg(key(&name, "deadlines"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let slot_before = slot(&mut conn, &name, "2").await;
+        let lease_before: Option<String> = redis::cmd("GET")
+            .arg(key(&name, "lease"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let now = now_ms(&mut conn).await;
+        let err = try_claim_one(&mut conn, &name, "2", "b", now)
+            .await
+            .expect_err(which);
+        assert!(err.to_string().contains("CORRUPT"), "{which}: {err}");
+        assert!(err.to_string().contains(&foreign), "{which}: {err}");
+        let deadlines_after: Option<Vec<u8>> = redis::cmd("DUMP")
+            .arg(key(&name, "deadlines"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(deadlines_after, deadlines_before, "{which}: deadlines changed");
+        assert_eq!(slot(&mut conn, &name, "2").await, slot_before, "{which}");
+        let owner: Option<String> = redis::cmd("HGET")
+            .arg(key(&name, "tasks"))
+            .arg("b")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(owner, None, "{which}");
+        let lease_after: Option<String> = redis::cmd("GET")
+            .arg(key(&name, "lease"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(lease_after, lease_before, "{which}");
+    }
 }
 
 #[tokio::test]
