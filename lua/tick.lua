@@ -4,8 +4,9 @@
 -- ARGV[4] most idle slots to list here: a larger idle set is only counted, and the
 --   caller pages through it with SSCAN (listing 100,000 members in a script blocks
 --   Redis for tens of milliseconds)
--- Returns  {now_ms, {due slot id, ...}, {idle slot id, ...}, epoch id or "", quarantine_until_ms,
---           idle count} (the idle list empty for "0", or when the count is over ARGV[4])
+-- Returns  a packed reply (see `put` in common.lua): now_ms, epoch id or "",
+--   quarantine_until_ms, idle count, the number of due slots, the due slot ids, then
+--   the idle slot ids (none for "0", or when the count is over ARGV[4])
 -- The one call of a steady tick: what is due for the sweep and which slots are idle.
 -- Its only write forgets ended tasks older than ARGV[2].
 check_type(KEYS[1], 'zset')
@@ -31,4 +32,16 @@ local quarantine = strict_int(epoch[2] or '0')
 if quarantine == nil then
   corrupt(KEYS[4], 'has a bad field quarantine_until_ms')
 end
-return {now, due, idle, epoch[1] or '', quarantine, idle_count}
+local out = {}
+put(out, int_s(now))
+put(out, epoch[1] or '')
+put(out, int_s(quarantine))
+put(out, int_s(idle_count))
+put(out, int_s(#due))
+for i = 1, #due do
+  put(out, due[i])
+end
+for i = 1, #idle do
+  put(out, idle[i])
+end
+return table.concat(out)

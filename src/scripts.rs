@@ -368,18 +368,31 @@ pub(crate) async fn tick(
         .eval("reading due and idle slots", &inv)
         .await
         .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle, &keys.ended, &keys.epoch]))?;
-    let parsed = array(&value).and_then(|a| match a {
-        [now, due, idle, epoch, quarantine, idle_count] => Some(Tick {
-            now_ms: int(now)?,
-            due: texts(due)?,
-            idle: texts(idle)?,
-            epoch: text(epoch)?,
-            quarantine_until_ms: int(quarantine)?,
-            idle_count: usize::try_from(int(idle_count)?).ok()?,
-        }),
-        _ => None,
-    });
-    parsed.ok_or_else(|| bad_reply("tick", &value))
+    let parse = || -> Option<Tick> {
+        let mut p = Packed::of(&value)?;
+        let now_ms = p.int()?;
+        let epoch = p.text()?;
+        let quarantine_until_ms = p.int()?;
+        let idle_count = usize::try_from(p.int()?).ok()?;
+        let due_count = usize::try_from(p.int()?).ok()?;
+        let mut due = Vec::with_capacity(due_count.min(max_due));
+        for _ in 0..due_count {
+            due.push(p.text()?);
+        }
+        let mut idle = Vec::new();
+        while !p.is_empty() {
+            idle.push(p.text()?);
+        }
+        Some(Tick {
+            now_ms,
+            due,
+            idle,
+            epoch,
+            quarantine_until_ms,
+            idle_count,
+        })
+    };
+    parse().ok_or_else(|| bad_reply("tick", &value))
 }
 
 // ---------------------------------------------------------------- sweep.lua

@@ -89,7 +89,11 @@ async fn claim_one(
     task: &str,
     polled_at_ms: u64,
 ) -> Vec<String> {
-    texts(&try_claim_one(conn, name, slot_id, task, polled_at_ms).await.unwrap())
+    texts(
+        &try_claim_one(conn, name, slot_id, task, polled_at_ms)
+            .await
+            .unwrap(),
+    )
 }
 
 /// claim_one, with the script's error as it is.
