@@ -64,8 +64,8 @@ end
 -- call runs this whole file: a table made here would cost every script).
 local LEN
 
--- Appends the string v to the token list `out` (see LEN).
-local function put(out, v)
+-- LEN, made on first use.
+local function lens()
   if not LEN then
     LEN = setmetatable({}, {__index = function(t, len)
       local s = len .. ':'
@@ -73,9 +73,25 @@ local function put(out, v)
       return s
     end})
   end
+  return LEN
+end
+
+-- Appends the string v to the token list `out`.
+local function put(out, v)
   local n = #out
-  out[n + 1] = LEN[#v]
+  out[n + 1] = lens()[#v]
   out[n + 2] = v
+end
+
+-- Appends every string of `list` to the token list `out`.
+local function put_all(out, list)
+  local len, n = lens(), #out
+  for i = 1, #list do
+    local v = list[i]
+    out[n + 1] = len[#v]
+    out[n + 2] = v
+    n = n + 2
+  end
 end
 
 -- A slot hash has no state field: the state follows from the fields (README, "Redis

@@ -38,10 +38,6 @@ put(out, epoch[1] or '')
 put(out, int_s(quarantine))
 put(out, int_s(idle_count))
 put(out, int_s(#due))
-for i = 1, #due do
-  put(out, due[i])
-end
-for i = 1, #idle do
-  put(out, idle[i])
-end
+put_all(out, due)
+put_all(out, idle)
 return table.concat(out)
