@@ -19,7 +19,7 @@ M = [
  ("M13 claim skips lease counter check", "lua/claim.lua", "if last_lease and strict_int(last_lease) == nil then", "if false then"),
  ("M14 keepalive ignores lease", "lua/keepalive.lua", "if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then", "if false then"),
  ("M15 release ignores lease", "lua/release.lua", "if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then", "if false then"),
- ("M16 reclaim skips callbacks", "lua/sweep.lua", "    redis.call('HSET', key, 'reclaim', reclaim)\n    new_deadlines[#new_deadlines + 1] = reclaim\n    new_deadlines[#new_deadlines + 1] = id\n    out[#out + 1] = {id, 'reclaimed'", "    make_idle(key, id, KEYS[2], KEYS[1])\n    out[#out + 1] = {id, 'reclaimed'"),
+ ("M16 reclaim skips callbacks", "lua/sweep.lua", "    redis.call('HSET', key, 'reclaim', reclaim)\n    new_deadlines[#new_deadlines + 1] = reclaim\n    new_deadlines[#new_deadlines + 1] = id\n    put(out, 'R')", "    make_idle(key, id, KEYS[2], KEYS[1])\n    put(out, 'R')"),
  ("M17 claim ignores quarantine", "lua/claim.lua", "if now < quarantine then", "if false then"),
  ("M18 epoch change unnoticed", "lua/epoch.lua", "elseif seen ~= '' and current ~= seen then", "elseif false then"),
  ("M19 lease counter not time-based", "lua/claim.lua", "  lease = now * 100\n", "  lease = 0\n"),
@@ -37,6 +37,12 @@ BACKUP = os.path.join(tempfile.gettempdir(), "task-semaphore-mutation.bak")
 sel = sys.argv[1:]
 TESTS = os.environ.get("TESTS", "--tests").split()
 missed = []
+# Every anchor first: a mutation whose text is gone from lua/ would test nothing.
+stale = [name for name, path, old, new in M
+         if (not sel or name.split()[0] in sel) and open(os.path.join(ROOT, path)).read().count(old) != 1]
+if stale:
+    print("anchors missing or not unique in lua/: " + ", ".join(stale), file=sys.stderr)
+    sys.exit(2)
 for name, path, old, new in M:
     if sel and name.split()[0] not in sel: continue
     p = os.path.join(ROOT, path)
