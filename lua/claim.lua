@@ -7,8 +7,8 @@
 --   of each claim; lease is "0" unless OK.
 -- Status per claim, taken in order (a task id given twice is TASK_BUSY the 2nd time):
 --   OK, SLOT_BUSY, TASK_BUSY, STALE, QUARANTINE, or "CORRUPT <why>" for an unreadable
---   slot hash (that claim only). A foreign shared key aborts the whole call, before
---   any write, with error "CORRUPT <key> ...".
+--   slot hash (that claim only). A foreign shared key aborts the whole call with
+--   nothing written, with error "CORRUPT <key> ...".
 -- QUARANTINE: state was lost (see epoch.lua) and no slot is granted before
 -- quarantine_until_ms. A missing lease counter starts at Redis time in ms x 100, so
 -- that leases do not repeat even when the state is lost and no replica noticed.

@@ -57,7 +57,7 @@ local function strict_int(v)
   return tonumber(v)
 end
 
--- Replies that carry many values (sweep, claim) are one bulk string of tokens
+-- Replies that carry many values (tick, sweep, claim) are one bulk string of tokens
 -- "<byte length>:<bytes>", read by `Packed` in src/scripts.rs: for 100 slots that
 -- is about 8x cheaper, in Redis and in the client together, than nested arrays.
 -- LEN[n] is "n:", made once per length per call, and only by scripts that pack (each
