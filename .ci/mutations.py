@@ -27,7 +27,7 @@ M = [
  ("M21 claim's reads not type-checked", "lua/common.lua", "  if type(r) == 'table' and r.err then\n    check_type(key, want)", "  if false then\n    check_type(key, want)"),
  ("M22 claim's stale check reads the wrong task", "lua/claim.lua", "    local ended_at = ended[i]", "    local ended_at = ended[1]"),
  ("M23 slot read skips the check of start", "lua/common.lua", "  if not is_int(r[6]) then", "  if false then"),
- ("M24 holder fields without a task read as idle", "lua/common.lua", "    if r[2] or r[4] or r[5] or r[6] or r[7] then", "    if r[2] then"),
+ ("M24 holder fields without a task read as idle", "lua/common.lua", "    if r[2] or r[4] then", "    if r[2] then"),
  ("M25 claim takes a slot with holder fields", "lua/claim.lua", "is_int(r[1]) and not r[2] and not r[3] and not r[4] then", "is_int(r[1]) and not r[2] then"),
  ("M26 claim keeps the deadlines it added when idle is foreign", "lua/claim.lua", "      redis.call('ZREM', deadlines_key, unpack(added))", "      local _ = added"),
  ("M11 strict numbers off", "lua/common.lua", "not not string.match(v, '^%d+$')", "true"),

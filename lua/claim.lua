@@ -64,9 +64,9 @@ for i = 1, n do
 end
 local holders = read_checked('hash', 'HMGET', tasks_key, unpack(ids))
 local ended = read_checked('zset', 'ZMSCORE', ended_key, unpack(ids))
--- Only an idle slot is claimed: a registered slot with its `timeout` and no holder
--- fields. Those are all a claim reads of an idle slot; any other slot (rare: the
--- caller saw it idle) is read and checked whole.
+-- Only an idle slot is claimed: a registered slot with its `timeout`, and no `task`,
+-- `stopping` or `lease` (read_slot's rule). Those are all a claim reads of an idle
+-- slot; any other slot (rare: the caller saw it idle) is read and checked whole.
 for i = 1, n do
   local c = claims[i]
   local r = redis.pcall('HMGET', c.slot_key, 'timeout', 'task', 'stopping', 'lease')

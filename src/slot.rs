@@ -101,7 +101,9 @@ impl SlotState {
         }
         // No state field: it follows from the fields, as in lua/common.lua (read_slot).
         let timeout = fields.get("timeout").and_then(|t| strict_u64(t));
-        let holder = ["stopping", "lease", "due", "start", "backend"];
+        // As lua/common.lua (read_slot) and the claim's idle check: other stray holder
+        // fields on an idle slot are overwritten by its next claim.
+        let holder = ["stopping", "lease"];
         let status = match (fields.get("task"), fields.contains_key("stopping")) {
             (None, _) if holder.iter().any(|f| fields.contains_key(*f)) => {
                 return corrupt("has holder fields but no task".into())
