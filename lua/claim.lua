@@ -7,8 +7,8 @@
 --   of each claim; lease is "0" unless OK.
 -- Status per claim, taken in order (a task id given twice is TASK_BUSY the 2nd time):
 --   OK, SLOT_BUSY, TASK_BUSY, STALE, QUARANTINE, or "CORRUPT <why>" for an unreadable
---   slot hash (that claim only). A foreign shared key aborts the whole call with
---   nothing written, with error "CORRUPT <key> ...".
+--   slot hash (that claim only). A foreign shared key aborts the whole call, before
+--   any write, with error "CORRUPT <key> ...".
 -- QUARANTINE: state was lost (see epoch.lua) and no slot is granted before
 -- quarantine_until_ms. A missing lease counter starts at Redis time in ms x 100, so
 -- that leases do not repeat even when the state is lost and no replica noticed.
@@ -36,15 +36,15 @@ for i = 1, n do
   local a = 1 + 5 * (i - 1)
   local c = {slot_key = KEYS[6 + i], slot_id = ARGV[a + 1], task_id = ARGV[a + 2],
     backend = ARGV[a + 3], timeout_s = ARGV[a + 4], timeout = int_arg(ARGV[a + 4]),
-    polled_at = int_arg(ARGV[a + 5]), state = false, why = false, lease_s = false,
-    deadline = false}  -- every field a claim gets later: the table is sized once
+    polled_at = int_arg(ARGV[a + 5]), state = false, why = false}  -- sized once
   if c.timeout == nil or c.polled_at == nil or c.task_id == '' then
     return redis.error_reply('ERR claim: bad arguments')
   end
   claims[i] = c
 end
--- The keys the claims read are type-checked by those reads; deadlines and idle by
--- their writes (see the end).
+-- The keys the claims read are type-checked by those reads; the others here.
+check_type(deadlines_key, 'zset')
+check_type(idle_key, 'set')
 local quarantine = strict_int(read_checked('hash', 'HGET', epoch_key, 'quarantine_until_ms') or '0')
 if quarantine == nil then
   corrupt(epoch_key, 'has a bad field quarantine_until_ms')
@@ -90,7 +90,7 @@ if not last_lease then
   lease = now * 100
 end
 local first_lease = lease
-local not_idle, new_tasks, new_deadlines, reused, granted = {}, {}, {}, {}, {}
+local not_idle, new_tasks, new_deadlines, reused = {}, {}, {}, {}
 local deadline_of = {}
 for i = 1, n do
   local c = claims[i]
@@ -124,8 +124,8 @@ for i = 1, n do
       deadline_of[c.timeout] = deadline
     end
     local lease_s = int_s(lease)
-    c.lease_s, c.deadline = lease_s, deadline
-    granted[#granted + 1] = c
+    redis.call('HSET', c.slot_key, 'task', c.task_id, 'backend', c.backend, 'lease', lease_s,
+      'start', now_s, 'due', deadline, 'timeout', c.timeout_s)
     taken[c.slot_key] = true
     held[c.task_id] = true
     new_tasks[#new_tasks + 1] = c.task_id
@@ -141,42 +141,15 @@ for i = 1, n do
     put(out, lease_s)
   end
 end
--- The writes. deadlines and idle are not read above, so their type is not known
--- yet: they are written first, with pcall, and a foreign type aborts the call with
--- nothing else written (an idle set of another type undoes the deadlines just added:
--- those slots were idle, so any entry they had there was stale anyway). Cheaper
--- than a TYPE call each; every other key written was type-checked by its read.
-if #new_deadlines > 0 then
-  local r = redis.pcall('ZADD', deadlines_key, unpack(new_deadlines))
-  if type(r) == 'table' and r.err then
-    check_type(deadlines_key, 'zset')
-    error(r)
-  end
-end
-if #not_idle > 0 then
-  local r = redis.pcall('SREM', idle_key, unpack(not_idle))
-  if type(r) == 'table' and r.err then
-    if #new_deadlines > 0 then
-      local added = {}
-      for j = 2, #new_deadlines, 2 do
-        added[#added + 1] = new_deadlines[j]
-      end
-      redis.call('ZREM', deadlines_key, unpack(added))
-    end
-    check_type(idle_key, 'set')
-    error(r)
-  end
-end
-for i = 1, #granted do
-  local c = granted[i]
-  redis.call('HSET', c.slot_key, 'task', c.task_id, 'backend', c.backend, 'lease', c.lease_s,
-    'start', now_s, 'due', c.deadline, 'timeout', c.timeout_s)
-end
 if lease ~= first_lease then
   redis.call('SET', lease_key, int_s(lease))
   redis.call('HSET', tasks_key, unpack(new_tasks))
+  redis.call('ZADD', deadlines_key, unpack(new_deadlines))
   if #reused > 0 then
     redis.call('ZREM', ended_key, unpack(reused))
   end
+end
+if #not_idle > 0 then
+  redis.call('SREM', idle_key, unpack(not_idle))
 end
 return table.concat(out)

@@ -126,7 +126,7 @@ async fn now_ms(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
 }
 
 #[tokio::test]
-/// claim.lua type-checks deadlines and idle by writing them first: a foreign one
+/// claim.lua type-checks deadlines and idle before its first write: a foreign one
 /// fails the claim naming it, with nothing written (no deadline left behind, slot 2
 /// still idle, no index entry, the lease counter as it was).
 async fn claim_with_a_foreign_deadlines_or_idle_writes_nothing() {
