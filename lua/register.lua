@@ -28,15 +28,13 @@ for i = 1, n do
     redis.call('SADD', KEYS[1], id)
     out[i] = 'created'
   else
-    redis.call('HSET', key, 'backends', backends)
     if s.state == 'idle' then
       -- Only an idle slot takes the new timeout: a holder keeps the one it claimed with.
-      redis.call('HSET', key, 'timeout', timeout)
+      redis.call('HSET', key, 'backends', backends, 'timeout', timeout)
       redis.call('SADD', KEYS[1], id)
-    elseif s.state == 'busy' then
-      redis.call('ZADD', KEYS[2], 'NX', s.due, id)
     else
-      redis.call('ZADD', KEYS[2], 'NX', s.reclaim, id)
+      redis.call('HSET', key, 'backends', backends)
+      redis.call('ZADD', KEYS[2], 'NX', s.state == 'busy' and s.due or s.reclaim, id)
     end
     out[i] = 'ok'
   end

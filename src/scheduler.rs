@@ -1466,16 +1466,14 @@ pub async fn inspect_redis(redis_url: &str, key_prefix: &str, name: &str) -> Res
         }
         cursor = next;
     }
-    // SCAN may return a key twice.
-    ids.sort_unstable();
-    ids.dedup();
-    // Numbers in numeric order, then the rest by text.
+    // Numbers in numeric order, then the rest by text; SCAN may return a key twice.
     ids.sort_by(|a, b| match (strict_u64(a), strict_u64(b)) {
         (Some(x), Some(y)) => x.cmp(&y),
         (Some(_), None) => std::cmp::Ordering::Less,
         (None, Some(_)) => std::cmp::Ordering::Greater,
         (None, None) => a.cmp(b),
     });
+    ids.dedup();
     read_state(
         &redis,
         &keys,

@@ -439,21 +439,20 @@ pub(crate) async fn sweep(redis: &Redis, keys: &Keys, slot_ids: &[String]) -> Re
         let now = p.int()?;
         let mut swept = Vec::with_capacity(slot_ids.len());
         for id in slot_ids {
-            let slot_id = id.clone();
             match p.str()? {
                 "-" => {}
                 "C" => swept.push(Swept::Corrupt {
-                    slot_id,
+                    slot_id: id.clone(),
                     why: p.text()?,
                 }),
                 "T" => swept.push(Swept::TimedOut {
-                    slot_id,
+                    slot_id: id.clone(),
                     task_id: p.text()?,
                     backend: p.text()?,
                     lease: p.int()?,
                 }),
                 "R" => swept.push(Swept::Reclaimed {
-                    slot_id,
+                    slot_id: id.clone(),
                     task_id: p.text()?,
                     backend: p.text()?,
                     lease: p.int()?,

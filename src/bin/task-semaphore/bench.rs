@@ -777,8 +777,9 @@ async fn throughput(server: &Server, s: &Settings) -> Result<(Vec<ThroughputRow>
 struct SizeRun {
     build_ms: f64,
     fill_ms: f64,
-    /// Median latency of keepalives sent one by one right after the slot-by-slot
-    /// fill, on its scheduler and tasks: the round trip the fill is measured against.
+    /// One round trip, the fill's unit: the mean of the median latency of keepalives
+    /// sent one by one just before the slot-by-slot fill (on a probe scheduler) and
+    /// just after it (on its tasks).
     keepalive_rt_us: f64,
     /// The fill's time per slot over that round trip, in this run.
     fill_ratio: f64,
@@ -818,6 +819,20 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Median latency, in µs, of keepalives of `tasks` sent one by one.
+async fn round_trip_us<'a>(
+    scheduler: &Scheduler,
+    tasks: impl Iterator<Item = &'a str>,
+) -> Result<f64, String> {
+    let mut latencies = Vec::with_capacity(ROUND_TRIPS);
+    for task in tasks {
+        let t = Instant::now();
+        scheduler.keepalive(task).await.map_err(|e| error_chain(&e))?;
+        latencies.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(median(latencies))
+}
+
 /// Build, fill, steady ticks, then the sweep of all N slots once they expired.
 /// `None` when slots expired during the steady ticks: the timeout was too short.
 async fn size_run(server: &Server, n: usize, timeout: Duration) -> Result<Option<SizeRun>, String> {
@@ -853,12 +868,7 @@ async fn size_run(server: &Server, n: usize, timeout: Duration) -> Result<Option
         .pop()
         .ok_or("the probe scheduler started no task")?
         .task_id;
-    let mut before = Vec::with_capacity(ROUND_TRIPS);
-    for _ in 0..ROUND_TRIPS {
-        let t = Instant::now();
-        probe.keepalive(&probe_task).await.map_err(fail)?;
-        before.push(t.elapsed().as_secs_f64() * 1e6);
-    }
+    let before = round_trip_us(&probe, std::iter::repeat_n(probe_task.as_str(), ROUND_TRIPS)).await?;
     server.delete_keys(&probe.key_pattern(), "DEL").await?;
     drop(probe);
 
@@ -876,13 +886,9 @@ async fn size_run(server: &Server, n: usize, timeout: Duration) -> Result<Option
     let after_fill = server.used_memory().await?;
     // And just after it, on this scheduler's tasks: the fill is compared with the mean
     // of the two, so a VM whose speed drifts during the fill skews it less.
-    let mut after = Vec::with_capacity(ROUND_TRIPS);
-    for task in fill.started.iter().take(ROUND_TRIPS) {
-        let t = Instant::now();
-        scheduler.keepalive(&task.task_id).await.map_err(fail)?;
-        after.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    let keepalive_rt_us = (median(before) + median(after)) / 2.0;
+    let tasks = fill.started.iter().take(ROUND_TRIPS).map(|t| t.task_id.as_str());
+    let after = round_trip_us(&scheduler, tasks).await?;
+    let keepalive_rt_us = (before + after) / 2.0;
     let fill_ratio = fill_ms * 1000.0 / n as f64 / keepalive_rt_us;
     // Every deadline is a claim's Redis time plus the timeout.
     drop(fill); // so that the bench's peak RSS is mostly the scheduler's
