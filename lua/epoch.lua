@@ -6,10 +6,11 @@
 -- The epoch names one unbroken life of the scheduler's state. A replica that saw
 -- epoch E and finds none (a restart without persistence, FLUSHALL) or another (a
 -- replica recreated it after such a loss) reports LOST: the quarantine then holds
--- back every claim until quarantine_until_ms, so tasks of the lost generation can
--- finish or time out first, and the lease counter is raised past every lease this
--- replica has seen and, when it is missing, restarted from Redis time in ms x 100 (as
--- claim.lua does), so no lease number repeats.
+-- back every claim until quarantine_until_ms (the epoch's creation + ARGV[3]), so
+-- tasks of the lost generation can finish or time out first, and the lease counter
+-- is raised past every lease this replica has seen and, when it is missing,
+-- restarted from Redis time in ms x 100 (as claim.lua does), so no lease number
+-- repeats.
 local epoch_key, lease_key = KEYS[1], KEYS[2]
 local seen, new_id = ARGV[1], ARGV[2]
 local quarantine, max_lease = strict_int(ARGV[3]), strict_int(ARGV[4])
@@ -22,10 +23,10 @@ local last_lease = redis.call('GET', lease_key)
 if last_lease and strict_int(last_lease) == nil then
   corrupt(lease_key, 'holds a non-number')
 end
-local current = redis.call('HGET', epoch_key, 'id')
-local until_ms = 0
+local fields = redis.call('HMGET', epoch_key, 'id', 'quarantine_until_ms', 'created_at_ms')
+local current, until_ms = fields[1], 0
 if current then
-  until_ms = strict_int(redis.call('HGET', epoch_key, 'quarantine_until_ms') or '0')
+  until_ms = strict_int(fields[2] or '0')
   if until_ms == nil then
     corrupt(epoch_key, 'has a bad field quarantine_until_ms')
   end
@@ -41,7 +42,15 @@ elseif seen ~= '' and current ~= seen then
   verdict = 'LOST'
 end
 if verdict == 'LOST' then
-  until_ms = math.max(until_ms, now + quarantine)
+  -- Every lease of the lost generation was granted before this epoch was created, so
+  -- the quarantine runs from its creation: a replica that notices the loss late (it
+  -- was cut off from Redis meanwhile) does not start a new quarantine of its own.
+  -- A missing or bad created_at_ms counts as now.
+  local since = now
+  if fields[1] then
+    since = math.min(now, strict_int(fields[3] or '') or now)
+  end
+  until_ms = math.max(until_ms, since + quarantine)
   redis.call('HSET', epoch_key, 'quarantine_until_ms', until_ms, 'lost_at_ms', now)
   if seen ~= '' then
     redis.call('HSET', epoch_key, 'previous_id', seen)

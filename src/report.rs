@@ -73,7 +73,8 @@ pub struct ScheduleReport {
     pub idle: usize,
     /// This tick found that Redis lost the scheduler's state (a restart without
     /// persistence, `FLUSHALL`, a failover that lost writes): the slots were
-    /// registered again and the quarantine started. Also logged as an error.
+    /// registered again and the quarantine started (or, when another replica noticed
+    /// first, the quarantine it started holds). Also logged as an error.
     pub state_lost: bool,
     /// When a quarantine after lost state is in force: no slot is granted before
     /// this Redis time, so tasks of the lost generation can finish or time out.

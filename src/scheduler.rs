@@ -151,9 +151,10 @@ impl SchedulerBuilder {
 
     /// Whether a replica that finds the scheduler's state lost in Redis (a restart
     /// without persistence, `FLUSHALL`, a failover that lost writes) grants no slot
-    /// for the longest slot timeout of its config, so that tasks of the lost
-    /// generation finish or time out before a new generation starts beside them.
-    /// Default `true`. The loss is detected and logged either way.
+    /// for the longest slot timeout of its config, counted from when the state was
+    /// found lost (the new epoch's creation), so that tasks of the lost generation
+    /// finish or time out before a new generation starts beside them. Default `true`.
+    /// The loss is detected and logged either way.
     pub fn quarantine_on_data_loss(mut self, on: bool) -> Self {
         self.quarantine_on_data_loss = on;
         self

@@ -200,3 +200,48 @@ async fn leases_do_not_repeat_when_the_detector_saw_fewer() {
     let lc = a.schedule().await.unwrap().started[0].lease;
     assert!(lc > lb, "lease {lc} after the loss repeats one of before ({lb})");
 }
+
+#[tokio::test]
+/// The quarantine runs from the new epoch's creation: a replica that notices the loss
+/// later (it was cut off from Redis meanwhile) reports it, but neither extends the
+/// quarantine nor starts a new one once it is over. Every lease of the lost
+/// generation was granted before that epoch existed.
+async fn a_late_detector_does_not_restart_the_quarantine() {
+    let name = unique_name("latedetect");
+    let timeout = Duration::from_millis(800);
+    let (fa, fb, fc) = (
+        Fake::with_tasks("Jobs", ["a"]),
+        Fake::with_tasks("Jobs", ["b"]),
+        Fake::with_tasks("Jobs", ["c"]),
+    );
+    let a = builder(&name, &fa, 3, timeout).build().await.unwrap();
+    let b = builder(&name, &fb, 3, timeout).build().await.unwrap();
+    let c = builder(&name, &fc, 3, timeout).build().await.unwrap();
+    for s in [&a, &b, &c] {
+        assert_eq!(s.schedule().await.unwrap().started.len(), 1);
+    }
+    lose_state(&name).await;
+    let ra = a.schedule().await.unwrap();
+    let until = ra.quarantined_until.expect("quarantine");
+    assert!(ra.state_lost, "{ra:?}");
+
+    // Within the quarantine: b detects too, and the end stays where a put it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rb = b.schedule().await.unwrap();
+    assert!(rb.state_lost && rb.started.is_empty(), "{rb:?}");
+    assert_eq!(rb.quarantined_until, Some(until), "b moved the quarantine");
+
+    // After it: c detects, and starts its task at once.
+    tokio::time::sleep(
+        until.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(50),
+    )
+    .await;
+    fc.push(["c2"]);
+    let rc = c.schedule().await.unwrap();
+    assert!(rc.state_lost, "{rc:?}");
+    assert!(
+        rc.quarantined_until.is_none(),
+        "c started a new quarantine: {rc:?}"
+    );
+    assert!(rc.started.iter().any(|t| t.task_id == "c2"), "{rc:?}");
+}
