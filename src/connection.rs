@@ -87,6 +87,14 @@ impl Redis {
         }
         let object = match tokio::time::timeout(self.timeout, self.pool.get()).await {
             Ok(Ok(object)) => object,
+            // A connect or handshake that timed out (TLS to a plain port: the server
+            // waits for a command that never comes) is a timeout, as elsewhere.
+            Ok(Err(PoolError::Backend(source))) if source.is_timeout() => {
+                return Err(Error::Timeout {
+                    context,
+                    after: self.timeout,
+                })
+            }
             Ok(Err(PoolError::Backend(source))) => return Err(Error::Redis { context, source }),
             Ok(Err(source)) => return Err(Error::Pool { context, source }),
             Err(_) => {

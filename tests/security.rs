@@ -175,6 +175,7 @@ async fn tls_untrusted_or_mismatched_connections_fail_fast_and_clearly() {
         started.elapsed()
     );
     eprintln!("rediss:// to the plain port: {}", chain(&err));
+    assert!(matches!(err, Error::Timeout { .. }), "{}", chain(&err));
 
     // Mistakes in the TLS settings are configuration errors, before any connection.
     let url = redis.tls_url("localhost");
