@@ -18,7 +18,6 @@ if limit == nil or memory == nil or inline == nil then
   return redis.error_reply('ERR tick: bad arguments')
 end
 local now = now_ms()
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (now - memory))
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local idle, idle_count = {}, 0
 if ARGV[3] == '1' then
@@ -32,6 +31,8 @@ local quarantine = strict_int(epoch[2] or '0')
 if quarantine == nil then
   corrupt(KEYS[4], 'has a bad field quarantine_until_ms')
 end
+-- The one write, after every check.
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (now - memory))
 local out = {}
 put(out, int_s(now))
 put(out, epoch[1] or '')

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(8 * 3600);
 
 /// The longest timeout accepted: ten years.
-const MAX_TIMEOUT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// The longest slot id, scheduler name or key prefix accepted, in bytes.
 const MAX_NAME_LEN: usize = 256;

@@ -180,6 +180,13 @@ impl SchedulerBuilder {
                 "stale_poll_after and redis_timeout must be positive".into(),
             ));
         }
+        // The scripts read numbers of at most 15 digits (ms): ten years is far inside.
+        if self.stale_poll_after > config::MAX_TIMEOUT {
+            return Err(Error::Config(format!(
+                "stale_poll_after is {:?}; it must be at most 10 years",
+                self.stale_poll_after
+            )));
+        }
         let mut backend_index = HashMap::new();
         for (i, b) in self.backends.iter().enumerate() {
             if b.name().is_empty() {
@@ -1294,8 +1301,9 @@ impl Scheduler {
         Err(not_held(task_id, lease, None))
     }
 
-    /// Ends the task's hold on `slot_id`, runs `stop_callback`, frees the slot.
-    /// Returns the Redis time of the release when the slot was freed.
+    /// Ends the task's hold on `slot_id` (or on the slot a MOVED reply names), runs
+    /// `stop_callback`, frees the slot. Returns the slot freed and the Redis time of
+    /// the release, when it was freed.
     async fn end(
         &self,
         task_id: &str,
@@ -1303,7 +1311,7 @@ impl Scheduler {
         reason: &str,
         lease: Option<u64>,
         errors: &mut Vec<TickError>,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Option<(String, u64)>> {
         let inner = &self.inner;
         let mut slot_id = slot_id.to_owned();
         for _ in 0..3 {
@@ -1326,8 +1334,13 @@ impl Scheduler {
                     {
                         return Ok(None);
                     }
-                    let freed = scripts::free(&inner.redis, &inner.keys, &[(slot_id, r.lease)]).await?;
-                    return Ok(freed.first().copied().unwrap_or(false).then_some(r.now_ms));
+                    let freed =
+                        scripts::free(&inner.redis, &inner.keys, &[(slot_id.clone(), r.lease)]).await?;
+                    return Ok(freed
+                        .first()
+                        .copied()
+                        .unwrap_or(false)
+                        .then_some((slot_id, r.now_ms)));
                 }
                 Held::Moved(owner) => {
                     self.remember(task_id, &owner);
@@ -1369,10 +1382,14 @@ impl Scheduler {
             other => other?,
         };
         let mut report = ScheduleReport::default();
-        let freed_at = self
+        // The slot freed, which is not the hinted one when the task had moved.
+        let freed = self
             .end(task_id, &slot_id, "stop", lease, &mut report.errors)
             .await?;
-        if let (Some(now_ms), Some(&index)) = (freed_at, self.inner.slot_index.get(&slot_id)) {
+        if let Some((slot_id, now_ms)) = freed {
+            let Some(&index) = self.inner.slot_index.get(&slot_id) else {
+                return Ok(());
+            };
             let mut clock = Clock::new(now_ms);
             if let Err(e) = self.fill_slot(index, 0, &mut clock, &mut report).await {
                 tracing::warn!(slot_id, "refilling the slot after a stop failed: {e}");

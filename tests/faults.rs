@@ -194,6 +194,15 @@ async fn bad_configs_are_config_errors_naming_the_culprit() {
     .await;
     assert!(msg.contains("\"Jobs\"") && msg.contains("twice"), "{msg}");
 
+    // A stale-poll window the scripts could not read back (more than 15 digits of ms).
+    let msg = config_error(
+        base()
+            .slot(SlotConfig::new("1", ["Jobs"]))
+            .stale_poll_after(Duration::MAX),
+    )
+    .await;
+    assert!(msg.contains("stale_poll_after"), "{msg}");
+
     // No slots at all.
     let msg = config_error(base()).await;
     assert!(msg.contains("no slots"), "{msg}");
@@ -1235,4 +1244,38 @@ async fn lease_counter_at_its_limit_does_not_corrupt_a_slot() {
     let inspection = s.inspect().await.unwrap();
     assert_eq!(inspection.last_lease, 999_999_999_999_999);
     assert_eq!(inspection.slots[0].status, SlotStatus::Idle);
+}
+
+#[tokio::test]
+/// A tick that meets a corrupt epoch field fails naming the key, before its one write
+/// (forgetting old ended tasks): the `ended` set is untouched.
+async fn a_tick_on_a_corrupt_epoch_writes_nothing() {
+    let name = unique_name("tickepoch");
+    let fake = Fake::with_tasks("Jobs", ["a"]);
+    let s = builder(&name, &fake, 1, LONG).build().await.unwrap();
+    let mut conn = raw(&common::redis_url()).await;
+    let _: () = redis::cmd("ZADD")
+        .arg(key(&name, "ended"))
+        .arg(1)
+        .arg("long-gone")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(key(&name, "epoch"))
+        .arg("quarantine_until_ms")
+        .arg("bad")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    match s.schedule().await {
+        Err(Error::CorruptState { key: k, .. }) => assert_eq!(k, key(&name, "epoch")),
+        other => panic!("expected CorruptState naming the epoch, got {other:?}"),
+    }
+    let n: usize = redis::cmd("ZCARD")
+        .arg(key(&name, "ended"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "the tick wrote before it failed");
 }

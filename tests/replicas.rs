@@ -285,3 +285,36 @@ async fn late_free_does_not_touch_the_next_holder() {
     assert_eq!(holders(&rb).await["1"].as_deref(), Some("b"));
     rb.keepalive("b").await.unwrap();
 }
+
+#[tokio::test]
+/// A stop through a stale hint (the task moved to another slot since this replica
+/// started it) frees the slot the task held, and refills that one, not the hinted one.
+async fn stop_after_a_move_refills_the_slot_it_freed() {
+    let name = unique_name("movedstop");
+    let fake = Fake::with_tasks("Jobs", ["t"]);
+    let r1 = builder(&name, &fake, 2, Duration::from_secs(3600))
+        .build()
+        .await
+        .unwrap();
+    let r2 = builder(&name, &fake, 2, Duration::from_secs(3600))
+        .build()
+        .await
+        .unwrap();
+    r1.schedule().await.unwrap(); // t in slot 1; r1 remembers t -> 1
+    r2.stop("t").await.unwrap();
+    fake.push(["x"]);
+    r2.schedule().await.unwrap(); // x in slot 1
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    fake.push(["t"]);
+    r2.schedule().await.unwrap(); // t again, in slot 2
+    assert_eq!(holders(&r1).await["2"].as_deref(), Some("t"));
+    fake.push(["next"]);
+    r1.stop("t").await.unwrap(); // r1's hint says slot 1: MOVED to 2
+    let h = holders(&r1).await;
+    assert_eq!(h["1"].as_deref(), Some("x"), "{h:?}");
+    assert_eq!(
+        h["2"].as_deref(),
+        Some("next"),
+        "the freed slot was not refilled: {h:?}"
+    );
+}
