@@ -31,6 +31,7 @@ M = [
  ("M25 claim takes a slot with holder fields", "lua/claim.lua", "is_int(r[1]) and not r[2] and not r[3] and not r[4] then", "is_int(r[1]) and not r[2] then"),
  ("M26 claim skips the type check of idle", "lua/claim.lua", "check_type(idle_key, 'set')\n", ""),
  ("M27 a late detector restarts the quarantine", "lua/epoch.lua", "since = math.min(now, strict_int(fields[3] or '') or now)", "since = now"),
+ ("M28 a kept timeout forgets its timeout_callback ran", "lua/timeout_done.lua", "redis.call('HSET', KEYS[1], 'stopping', 'timeout_done')", "redis.call('HSET', KEYS[1], 'stopping', 'timeout')"),
  ("M11 strict numbers off", "lua/common.lua", "not not string.match(v, '^%d+$')", "true"),
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

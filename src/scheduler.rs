@@ -369,6 +369,18 @@ impl Clock {
     }
 }
 
+/// What the callbacks of an ending hold decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Finished {
+    /// Free the slot.
+    Free,
+    /// Keep it `stopping` until its reclaim time.
+    Keep,
+    /// Keep it, after a timeout whose `timeout_callback` succeeded but whose
+    /// `stop_callback` failed: its reclaim runs `stop_callback` only.
+    KeepTimeoutDone,
+}
+
 /// A fresh epoch id: unique enough across processes and time (no rand crate needed).
 fn new_epoch_id() -> String {
     use std::hash::{BuildHasher, Hasher};
@@ -647,7 +659,7 @@ impl Scheduler {
         lease: u64,
         timed_out: bool,
         sink: &mut Vec<TickError>,
-    ) -> bool {
+    ) -> Finished {
         let Some(backend) = self.backend(backend_name) else {
             let msg = format!(
                 "backend {backend_name:?} is not registered in this replica; the slot is freed without callbacks"
@@ -660,7 +672,7 @@ impl Scheduler {
                 Some(task_id),
                 msg,
             );
-            return true;
+            return Finished::Free;
         };
         if timed_out {
             if let Err(e) = backend.call(Callback::Timeout, task_id, lease).await {
@@ -668,16 +680,21 @@ impl Scheduler {
                     .tell_error(backend, slot_id, task_id, &e, Callback::Timeout, sink)
                     .await
                 {
-                    return false;
+                    return Finished::Keep;
                 }
             }
         }
-        match backend.call(Callback::Stop, task_id, lease).await {
+        let free = match backend.call(Callback::Stop, task_id, lease).await {
             Ok(()) => true,
             Err(e) => {
                 self.tell_error(backend, slot_id, task_id, &e, Callback::Stop, sink)
                     .await
             }
+        };
+        match (free, timed_out) {
+            (true, _) => Finished::Free,
+            (false, true) => Finished::KeepTimeoutDone,
+            (false, false) => Finished::Keep,
         }
     }
 
@@ -1187,11 +1204,26 @@ impl Scheduler {
                 } => {
                     self.forget(&task_id);
                     self.saw_lease(lease);
-                    if self
+                    match self
                         .finish(&slot_id, &task_id, &backend, lease, true, &mut report.errors)
                         .await
                     {
-                        to_free.push((slot_id.clone(), lease));
+                        Finished::Free => to_free.push((slot_id.clone(), lease)),
+                        Finished::Keep => {}
+                        // Kept for its stop_callback only: a reclaim must not run
+                        // timeout_callback again (if this fails, it may).
+                        Finished::KeepTimeoutDone => {
+                            if let Err(e) =
+                                scripts::timeout_done(&inner.redis, &inner.keys, &slot_id, lease).await
+                            {
+                                tracing::warn!(
+                                    slot_id,
+                                    task_id,
+                                    lease,
+                                    "could not record that timeout_callback ran; a reclaim may run it again: {e}"
+                                );
+                            }
+                        }
                     }
                     report.timed_out.push(hold(slot_id, task_id, backend, lease));
                 }
@@ -1328,9 +1360,10 @@ impl Scheduler {
             match released {
                 Held::Ok(r) => {
                     self.forget(task_id);
-                    if !self
+                    if self
                         .finish(&slot_id, task_id, &r.backend, r.lease, false, errors)
                         .await
+                        != Finished::Free
                     {
                         return Ok(None);
                     }

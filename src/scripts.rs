@@ -29,6 +29,7 @@ pub(crate) struct Scripts {
     release: Lua,
     free: Lua,
     epoch: Lua,
+    timeout_done: Lua,
 }
 
 static SCRIPTS: LazyLock<std::result::Result<Scripts, String>> = LazyLock::new(|| {
@@ -56,11 +57,12 @@ static SCRIPTS: LazyLock<std::result::Result<Scripts, String>> = LazyLock::new(|
         release: lua("release.lua")?,
         free: lua("free.lua")?,
         epoch: lua("epoch.lua")?,
+        timeout_done: lua("timeout_done.lua")?,
     })
 });
 
 impl Scripts {
-    fn all(&self) -> [&Lua; 8] {
+    fn all(&self) -> [&Lua; 9] {
         [
             &self.register,
             &self.tick,
@@ -70,6 +72,7 @@ impl Scripts {
             &self.release,
             &self.free,
             &self.epoch,
+            &self.timeout_done,
         ]
     }
 }
@@ -701,6 +704,19 @@ pub(crate) async fn free(redis: &Redis, keys: &Keys, slots: &[(String, u64)]) ->
         _ => None,
     };
     flags.ok_or_else(|| bad_reply("free", &value))
+}
+
+// ---------------------------------------------------------------- timeout_done.lua
+
+/// Records that the timeout callback of `lease` in `slot_id` returned, on a slot kept
+/// `stopping` because its stop callback failed: its reclaim then runs
+/// `stop_callback` only. Returns whether the slot was still in that state.
+pub(crate) async fn timeout_done(redis: &Redis, keys: &Keys, slot_id: &str, lease: u64) -> Result<bool> {
+    let script = &scripts()?.timeout_done;
+    let mut inv = script.call();
+    inv.key(keys.slot(slot_id)).arg(lease);
+    let done: i64 = redis.eval("recording a timeout callback", &inv).await?;
+    Ok(done == 1)
 }
 
 #[cfg(test)]

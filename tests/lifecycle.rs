@@ -429,3 +429,40 @@ async fn panicking_backend_is_an_error_not_a_crash() {
     );
     assert!(holders(&s).await.values().all(Option::is_none));
 }
+
+#[tokio::test]
+/// A timed-out task whose timeout_callback succeeded but whose stop_callback failed
+/// (and backend_error_callback kept the slot) gets only stop_callback again at the
+/// reclaim: timeout_callback runs once per lease.
+async fn a_kept_timeout_reruns_only_stop_callback() {
+    let name = unique_name("keptto");
+    let fake = Fake::with_tasks("Jobs", ["a"]);
+    let s = builder(&name, &fake, 1, Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    s.schedule().await.unwrap();
+    {
+        let mut l = fake.ledger();
+        l.fail.insert((Callback::Stop, "a".into()));
+        l.error_answer = Some(false);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = s.schedule().await.unwrap();
+    assert_eq!(r.timed_out.len(), 1, "{r:?}");
+    let slot = &s.inspect().await.unwrap().slots[0];
+    assert_eq!(slot.status, SlotStatus::Stopping, "{slot:?}");
+    assert_eq!(slot.stopping_reason.as_deref(), Some("timeout_done"), "{slot:?}");
+
+    fake.ledger().fail.clear();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = s.schedule().await.unwrap();
+    assert_eq!(r.reclaimed.len(), 1, "{r:?}");
+    let events = fake.ledger().events_of("a");
+    assert_eq!(
+        events,
+        ["start", "timeout", "error:stop_callback", "stop"],
+        "timeout_callback must run once"
+    );
+    assert_eq!(s.inspect().await.unwrap().slots[0].status, SlotStatus::Idle);
+}
