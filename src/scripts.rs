@@ -371,31 +371,61 @@ pub(crate) async fn tick(
         .eval("reading due and idle slots", &inv)
         .await
         .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle, &keys.ended, &keys.epoch]))?;
-    let parse = || -> Option<Tick> {
+    // Slot ids and the epoch id as bytes first: one that is not UTF-8 is foreign data
+    // in that key (no replica writes one), reported naming the key.
+    struct Raw<'v> {
+        now_ms: u64,
+        epoch: &'v [u8],
+        quarantine_until_ms: u64,
+        idle_count: usize,
+        due: Vec<&'v [u8]>,
+        idle: Vec<&'v [u8]>,
+    }
+    let parse = || -> Option<Raw<'_>> {
         let mut p = Packed::of(&value)?;
         let now_ms = p.int()?;
-        let epoch = p.text()?;
+        let epoch = p.bytes()?;
         let quarantine_until_ms = p.int()?;
         let idle_count = usize::try_from(p.int()?).ok()?;
         let due_count = usize::try_from(p.int()?).ok()?;
         let mut due = Vec::with_capacity(due_count.min(max_due));
         for _ in 0..due_count {
-            due.push(p.text()?);
+            due.push(p.bytes()?);
         }
         let mut idle = Vec::new();
         while !p.is_empty() {
-            idle.push(p.text()?);
+            idle.push(p.bytes()?);
         }
-        Some(Tick {
+        Some(Raw {
             now_ms,
-            due,
-            idle,
             epoch,
             quarantine_until_ms,
             idle_count,
+            due,
+            idle,
         })
     };
-    parse().ok_or_else(|| bad_reply("tick", &value))
+    let raw = parse().ok_or_else(|| bad_reply("tick", &value))?;
+    let utf8 = |key: &str, what: &str, bytes: &[u8]| {
+        String::from_utf8(bytes.to_vec()).map_err(|_| Error::CorruptState {
+            key: key.to_owned(),
+            detail: format!(
+                "holds {what} that is not UTF-8: {:?}",
+                String::from_utf8_lossy(bytes)
+            ),
+        })
+    };
+    let ids = |key: &str, list: Vec<&[u8]>| -> Result<Vec<String>> {
+        list.into_iter().map(|b| utf8(key, "a member", b)).collect()
+    };
+    Ok(Tick {
+        now_ms: raw.now_ms,
+        due: ids(&keys.deadlines, raw.due)?,
+        idle: ids(&keys.idle, raw.idle)?,
+        epoch: utf8(&keys.epoch, "an id", raw.epoch)?,
+        quarantine_until_ms: raw.quarantine_until_ms,
+        idle_count: raw.idle_count,
+    })
 }
 
 // ---------------------------------------------------------------- sweep.lua
@@ -448,19 +478,38 @@ pub(crate) async fn sweep(redis: &Redis, keys: &Keys, slot_ids: &[String]) -> Re
                     slot_id: id.clone(),
                     why: p.text()?,
                 }),
-                "T" => swept.push(Swept::TimedOut {
-                    slot_id: id.clone(),
-                    task_id: p.text()?,
-                    backend: p.text()?,
-                    lease: p.int()?,
-                }),
-                "R" => swept.push(Swept::Reclaimed {
-                    slot_id: id.clone(),
-                    task_id: p.text()?,
-                    backend: p.text()?,
-                    lease: p.int()?,
-                    timed_out: p.str()? == "timeout",
-                }),
+                kind @ ("T" | "R") => {
+                    let (task, backend, lease) = (p.bytes()?, p.bytes()?, p.int()?);
+                    let timed_out = kind == "R" && p.bytes()? == b"timeout";
+                    // No replica writes a task id or backend name that is not UTF-8:
+                    // that slot alone is reported (it stays stopping), not the chunk.
+                    let (Ok(task_id), Ok(backend)) =
+                        (std::str::from_utf8(task), std::str::from_utf8(backend))
+                    else {
+                        swept.push(Swept::Corrupt {
+                            slot_id: id.clone(),
+                            why: "has a task or backend that is not UTF-8".into(),
+                        });
+                        continue;
+                    };
+                    let (slot_id, task_id, backend) = (id.clone(), task_id.to_owned(), backend.to_owned());
+                    swept.push(if kind == "T" {
+                        Swept::TimedOut {
+                            slot_id,
+                            task_id,
+                            backend,
+                            lease,
+                        }
+                    } else {
+                        Swept::Reclaimed {
+                            slot_id,
+                            task_id,
+                            backend,
+                            lease,
+                            timed_out,
+                        }
+                    });
+                }
                 _ => return None,
             }
         }

@@ -1279,3 +1279,67 @@ async fn a_tick_on_a_corrupt_epoch_writes_nothing() {
         .unwrap();
     assert_eq!(n, 1, "the tick wrote before it failed");
 }
+
+#[tokio::test]
+/// A slot whose task id is not UTF-8 (no replica writes one: foreign data) is reported
+/// alone, naming its key, when its sweep comes; the other slots of the same sweep
+/// chunk get their callbacks and are freed (before, the whole reply was unreadable and
+/// the chunk's slots stayed stopping with no callbacks, again at every reclaim).
+async fn a_task_id_that_is_not_utf8_spoils_only_its_slot() {
+    let name = unique_name("notutf8");
+    let fake = Fake::with_tasks("Jobs", ["a", "b", "c"]);
+    let s = builder(&name, &fake, 3, Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(s.schedule().await.unwrap().started.len(), 3);
+    let mut conn = raw(&common::redis_url()).await;
+    let holder = holders(&s)
+        .await
+        .into_iter()
+        .find(|(_, t)| t.as_deref() == Some("a"))
+        .unwrap()
+        .0;
+    let _: () = redis::cmd("HSET")
+        .arg(key(&name, &format!("slot:{holder}")))
+        .arg("task")
+        .arg(&b"\xff\xfe"[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = s.schedule().await.unwrap();
+    let errors = corrupt_slot_errors(&r, &holder);
+    assert_eq!(errors.len(), 1, "{r:?}");
+    assert!(
+        errors[0].message.contains(&key(&name, &format!("slot:{holder}"))),
+        "{r:?}"
+    );
+    for task in ["b", "c"] {
+        assert_eq!(fake.ledger().count("timeout", task), 1, "{task}: {r:?}");
+        assert_eq!(fake.ledger().count("stop", task), 1, "{task}: {r:?}");
+    }
+}
+
+#[tokio::test]
+/// A member of the idle set that is not UTF-8 (foreign data: no slot id is) makes the
+/// tick CorruptState naming the idle set, not an unreadable reply.
+async fn an_idle_member_that_is_not_utf8_names_the_idle_set() {
+    let name = unique_name("idleutf8");
+    let fake = Fake::new("Jobs");
+    let s = builder(&name, &fake, 2, LONG).build().await.unwrap();
+    let mut conn = raw(&common::redis_url()).await;
+    let _: () = redis::cmd("SADD")
+        .arg(key(&name, "idle"))
+        .arg(&b"\xff"[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    match s.schedule().await {
+        Err(Error::CorruptState { key: k, detail }) => {
+            assert_eq!(k, key(&name, "idle"), "{detail}");
+            assert!(detail.contains("UTF-8"), "{detail}");
+        }
+        other => panic!("expected CorruptState naming the idle set, got {other:?}"),
+    }
+}
