@@ -10,7 +10,7 @@ M = [
  ("M3 claim ignores stale polls", "lua/claim.lua", "(ended_at and tonumber(ended_at) >= c.polled_at)", "false"),
  ("M4 sweep ignores deadline", "lua/sweep.lua", "elseif s.state == 'busy' and s.due <= now then", "elseif s.state == 'busy' then"),
  ("M5 sweep frees before callbacks", "lua/sweep.lua", "redis.call('HSET', key, 'stopping', 'timeout', 'reclaim', reclaim)", "redis.call('SADD', KEYS[2], id)\n    redis.call('HDEL', key, 'task', 'backend', 'lease', 'start', 'due')"),
- ("M6 free ignores lease", "lua/free.lua", "s[2] == ARGV[2 * i]", "true"),
+ ("M6 free ignores lease", "lua/free.lua", "r[2] == ARGV[2 * i]", "true"),
  ("M7 keepalive revives expired", "lua/keepalive.lua", "if s.due <= now then", "if false then"),
  ("M8 index owner unchecked", "lua/common.lua", "if owner ~= slot_id then\n    return nil, {'MOVED', owner}", "if false then\n    return nil, {'MOVED', owner}"),
  ("M9 sweep leaves slot busy", "lua/sweep.lua", "    redis.call('HSET', key, 'stopping', 'timeout', 'reclaim', reclaim)\n", ""),

@@ -57,7 +57,7 @@ import os, re, sys
 d = sys.argv[1]
 names = dict(l.split() for l in open(f"{d}/names"))
 # Fixed KEYS of each script; the rest are slot keys.
-fixed = {"claim": 6, "sweep": 4, "free": 2, "register": 2, "tick": 4, "keepalive": 3, "release": 5, "epoch": 2, "timeout_done": 1}
+fixed = {"claim": 6, "sweep": 4, "free": 3, "register": 2, "tick": 4, "keepalive": 3, "release": 5, "epoch": 2, "timeout_done": 1}
 calls = [l.split() for l in open(f"{d}/calls") if l.strip()]
 dumps = sorted((int(m.group(1)), f) for f in os.listdir(d) if (m := re.fullmatch(r"cg\.out\.(\d+)", f)))
 if len(dumps) != len(calls):

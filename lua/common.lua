@@ -167,8 +167,9 @@ local function make_idle(slot_key, slot_id, idle_key, deadlines_key)
 end
 
 -- Finds the slot that holds `task_id` through the tasks index, and checks the
--- caller's belief that it is `slot_id`. Returns the slot, or nil and the reply to
--- give: {"WRONG_TASK"} or {"MOVED", owner}. Raises CORRUPT when index and slot disagree.
+-- caller's belief that it is `slot_id`. Returns the busy slot, or nil and the reply to
+-- give: {"WRONG_TASK"} (no hold, or one that is stopping) or {"MOVED", owner}. Raises
+-- CORRUPT when index and slot disagree.
 local function slot_of_task(tasks_key, slot_key, task_id, slot_id)
   local owner = redis.call('HGET', tasks_key, task_id)
   if not owner then
@@ -180,6 +181,11 @@ local function slot_of_task(tasks_key, slot_key, task_id, slot_id)
   local s, why = read_slot(slot_key)
   if s == nil then
     corrupt(slot_key, why)
+  end
+  if s.state == 'stopping' and s.task == task_id then
+    -- Its hold has ended; the entry stays until free.lua, so that no claim takes the
+    -- task again before its callbacks returned.
+    return nil, {'WRONG_TASK'}
   end
   if s.state ~= 'busy' or s.task ~= task_id then
     corrupt(tasks_key, 'maps the task to slot ' .. slot_id .. ', which does not hold it')

@@ -26,11 +26,12 @@ if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then
 end
 
 local now = now_ms()
-redis.call('HDEL', tasks_key, task_id)
 redis.call('ZADD', ended_key, now, task_id)
 if mode == 'idle' then
+  redis.call('HDEL', tasks_key, task_id)
   make_idle(slot_key, slot_id, idle_key, deadlines_key)
 else
+  -- The index keeps the task until free.lua: no claim takes it again meanwhile.
   local reclaim_at = int_s(now + s.timeout)
   redis.call('HSET', slot_key, 'stopping', reason, 'reclaim', reclaim_at)
   redis.call('ZADD', deadlines_key, reclaim_at, slot_id)

@@ -4,13 +4,15 @@
 --   in order: "T" task backend lease (timed out), "R" task backend lease reason
 --   (reclaimed), "C" why (corrupt), or "-" (not due: left alone).
 -- Takes every due slot in one step. A busy slot past its deadline becomes "stopping"
--- (its task leaves the index; the slot is not claimable until the caller's free, or
--- until `reclaim` = now + timeout if that caller dies). A stopping slot past
+-- (neither it nor its task, which stays in the index, is claimable until the caller's
+-- free, or until `reclaim` = now + timeout if that caller dies). A stopping slot past
 -- `reclaim` (its callbacks never finished) is handed to this caller in the same
 -- way: it stays stopping with a new `reclaim` while the caller runs the callbacks
 -- again (at least once), then frees it.
 check_type(KEYS[1], 'zset')
 check_type(KEYS[2], 'set')
+-- The index is not written here (free.lua drops the task), but a foreign one stops the
+-- sweep before any callback runs.
 check_type(KEYS[3], 'hash')
 check_type(KEYS[4], 'zset')
 local now = now_ms()
@@ -33,7 +35,7 @@ for i = 1, n do
 end
 
 -- Writes to the shared keys are gathered and sent once at the end.
-local stale_deadlines, new_deadlines, ended, expired_tasks, expired_slots = {}, {}, {}, {}, {}
+local stale_deadlines, new_deadlines, ended = {}, {}, {}
 local out = {}
 put(out, now_s)
 for i = 1, n do
@@ -50,8 +52,6 @@ for i = 1, n do
     redis.call('HSET', key, 'stopping', 'timeout', 'reclaim', reclaim)
     new_deadlines[#new_deadlines + 1] = reclaim
     new_deadlines[#new_deadlines + 1] = id
-    expired_tasks[#expired_tasks + 1] = s.task
-    expired_slots[#expired_slots + 1] = id
     ended[#ended + 1] = now_s
     ended[#ended + 1] = s.task
     put(out, 'T')
@@ -78,18 +78,7 @@ end
 if #new_deadlines > 0 then
   redis.call('ZADD', KEYS[1], unpack(new_deadlines))
 end
-if #expired_tasks > 0 then
-  -- The index entry goes only where it still names this slot.
-  local owners = redis.call('HMGET', KEYS[3], unpack(expired_tasks))
-  local gone = {}
-  for j, task in ipairs(expired_tasks) do
-    if owners[j] == expired_slots[j] then
-      gone[#gone + 1] = task
-    end
-  end
-  if #gone > 0 then
-    redis.call('HDEL', KEYS[3], unpack(gone))
-  end
+if #ended > 0 then
   redis.call('ZADD', KEYS[4], unpack(ended))
 end
 return table.concat(out)

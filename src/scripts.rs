@@ -733,14 +733,14 @@ pub(crate) async fn release(
 pub(crate) async fn free(redis: &Redis, keys: &Keys, slots: &[(String, u64)]) -> Result<Vec<bool>> {
     let script = &scripts()?.free;
     let mut inv = script.call();
-    inv.key(&keys.deadlines).key(&keys.idle);
+    inv.key(&keys.deadlines).key(&keys.idle).key(&keys.tasks);
     for (slot_id, lease) in slots {
         inv.key(keys.slot(slot_id)).arg(slot_id).arg(lease);
     }
     let value: Value = redis
         .eval("freeing slots", &inv)
         .await
-        .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle]))?;
+        .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle, &keys.tasks]))?;
     let flags = match &value {
         Value::BulkString(b) if b.len() == slots.len() => b
             .iter()

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{builder, holders, tasks, unique_name, Fake};
-use task_semaphore::Scheduler;
+use task_semaphore::{Callback, Scheduler};
 
 const LONG: Duration = Duration::from_secs(3600);
 
@@ -317,4 +317,44 @@ async fn stop_after_a_move_refills_the_slot_it_freed() {
         Some("next"),
         "the freed slot was not refilled: {h:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// A task id whose stop is still running its callbacks holds its slot until free:
+/// re-queued meanwhile (a retry), it is not started in another slot by another
+/// replica (it would run twice, its first stop_callback landing on the second run).
+/// Once the first hold is freed (here by its reclaim), it starts again.
+async fn a_stopping_task_is_not_started_again_before_its_free() {
+    let name = unique_name("stoppingtask");
+    let timeout = Duration::from_millis(400);
+    let fake = Fake::with_tasks("Jobs", ["a"]);
+    let s1 = builder(&name, &fake, 2, timeout).build().await.unwrap();
+    let s2 = builder(&name, &fake, 2, timeout).build().await.unwrap();
+    s1.schedule().await.unwrap();
+    fake.ledger().hang.insert((Callback::Stop, "a".into()));
+    let stopping = {
+        let s1 = s1.clone();
+        tokio::spawn(async move { s1.stop("a").await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    fake.push(["a"]); // re-queued while its stop_callback runs
+    let r = s2.schedule().await.unwrap();
+    assert!(r.started.is_empty(), "started again while stopping: {r:?}");
+    let h = holders(&s2).await;
+    assert_eq!(
+        h.values().filter(|t| t.as_deref() == Some("a")).count(),
+        1,
+        "{h:?}"
+    );
+    assert_eq!(fake.ledger().count("start", "a"), 1);
+
+    // The stopping replica died in its callback: at the reclaim time the slot is
+    // reclaimed (stop_callback once more), freed, and the task starts again.
+    stopping.abort();
+    fake.ledger().hang.clear();
+    tokio::time::sleep(timeout + Duration::from_millis(100)).await;
+    let r = s2.schedule().await.unwrap();
+    assert_eq!(r.reclaimed.len(), 1, "{r:?}");
+    assert_eq!(r.started.len(), 1, "{r:?}");
+    assert_eq!(fake.ledger().events_of("a"), ["start", "stop", "start"]);
 }

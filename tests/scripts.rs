@@ -248,6 +248,7 @@ async fn free_checks_the_lease() {
         let mut inv = free.prepare_invoke();
         inv.key(key(&name, "deadlines"))
             .key(key(&name, "idle"))
+            .key(key(&name, "tasks"))
             .key(key(&name, "slot:1"));
         inv.arg("1").arg(lease);
         inv

@@ -575,6 +575,7 @@ impl Targets {
         let mut free = self.free_lua.prepare_invoke();
         free.key(fleet.key("deadlines"))
             .key(fleet.key("idle"))
+            .key(fleet.key("tasks"))
             .key(&slot_key)
             .arg(&slot_id)
             .arg(&lease);
