@@ -592,11 +592,19 @@ impl<'a> Checker<'a> {
                 );
             }
             let reported = reports.iter().filter_map(|l| l.u64("until_ms")).min();
-            if reports.iter().any(|l| l.u64("until_ms").is_none()) {
-                let lines = reports.iter().map(|l| self.raw(l.idx)).collect();
+            // The quarantine runs from the new epoch's creation: a replica that notices
+            // the loss after it ended reports no quarantine. Before its end, or with no
+            // quarantine reported at all, that is a violation.
+            let unquarantined: Vec<&&Line> = reports
+                .iter()
+                .filter(|l| l.u64("until_ms").is_none())
+                .filter(|l| reported.is_none_or(|end| l.ms() + MARGIN_MS < end))
+                .collect();
+            if !reports.is_empty() && !unquarantined.is_empty() {
+                let lines = unquarantined.iter().map(|l| self.raw(l.idx)).collect();
                 self.violation(
                     "state lost without a quarantine",
-                    "a tick reported state_lost without quarantined_until".into(),
+                    "a tick reported state_lost without quarantined_until while one was due".into(),
                     lines,
                 );
             }
