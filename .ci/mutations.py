@@ -32,6 +32,7 @@ M = [
  ("M26 claim skips the type check of idle", "lua/claim.lua", "check_type(idle_key, 'set')\n", ""),
  ("M27 a late detector restarts the quarantine", "lua/epoch.lua", "since = math.min(now, strict_int(fields[3] or '') or now)", "since = now"),
  ("M28 a kept timeout forgets its timeout_callback ran", "lua/timeout_done.lua", "redis.call('HSET', KEYS[1], 'stopping', 'timeout_done')", "redis.call('HSET', KEYS[1], 'stopping', 'timeout')"),
+ ("M29 a stopped task leaves the index before its callbacks", "lua/release.lua", "  -- The index keeps the task until free.lua: no claim takes it again meanwhile.\n", "  redis.call('HDEL', tasks_key, task_id)\n"),
  ("M11 strict numbers off", "lua/common.lua", "not not string.match(v, '^%d+$')", "true"),
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
