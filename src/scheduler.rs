@@ -790,7 +790,7 @@ impl Scheduler {
         let mut ids = HashSet::new();
         let mut cursor = 0u64;
         loop {
-            let (next, page): (u64, Vec<String>) = inner
+            let (next, page): (u64, Vec<Vec<u8>>) = inner
                 .redis
                 .query(
                     "listing idle slots",
@@ -801,7 +801,17 @@ impl Scheduler {
                         .arg(IDLE_LISTED),
                 )
                 .await?;
-            ids.extend(page);
+            for member in page {
+                // No slot id is anything but UTF-8: such a member is foreign data.
+                let id = String::from_utf8(member).map_err(|e| Error::CorruptState {
+                    key: inner.keys.idle.clone(),
+                    detail: format!(
+                        "holds a member that is not UTF-8: {:?}",
+                        String::from_utf8_lossy(e.as_bytes())
+                    ),
+                })?;
+                ids.insert(id);
+            }
             cursor = next;
             if cursor == 0 {
                 return Ok(ids.into_iter().collect());

@@ -1323,23 +1323,26 @@ async fn a_task_id_that_is_not_utf8_spoils_only_its_slot() {
 
 #[tokio::test]
 /// A member of the idle set that is not UTF-8 (foreign data: no slot id is) makes the
-/// tick CorruptState naming the idle set, not an unreadable reply.
+/// tick CorruptState naming the idle set, not an unreadable reply: whether the tick
+/// lists the idle slots itself (2 slots) or pages through them with SSCAN (1,001).
 async fn an_idle_member_that_is_not_utf8_names_the_idle_set() {
-    let name = unique_name("idleutf8");
-    let fake = Fake::new("Jobs");
-    let s = builder(&name, &fake, 2, LONG).build().await.unwrap();
-    let mut conn = raw(&common::redis_url()).await;
-    let _: () = redis::cmd("SADD")
-        .arg(key(&name, "idle"))
-        .arg(&b"\xff"[..])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    match s.schedule().await {
-        Err(Error::CorruptState { key: k, detail }) => {
-            assert_eq!(k, key(&name, "idle"), "{detail}");
-            assert!(detail.contains("UTF-8"), "{detail}");
+    for slots in [2, 1001] {
+        let name = unique_name("idleutf8");
+        let fake = Fake::new("Jobs");
+        let s = builder(&name, &fake, slots, LONG).build().await.unwrap();
+        let mut conn = raw(&common::redis_url()).await;
+        let _: () = redis::cmd("SADD")
+            .arg(key(&name, "idle"))
+            .arg(&b"\xff"[..])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        match s.schedule().await {
+            Err(Error::CorruptState { key: k, detail }) => {
+                assert_eq!(k, key(&name, "idle"), "{slots}: {detail}");
+                assert!(detail.contains("UTF-8"), "{slots}: {detail}");
+            }
+            other => panic!("{slots}: expected CorruptState naming the idle set, got {other:?}"),
         }
-        other => panic!("expected CorruptState naming the idle set, got {other:?}"),
     }
 }
