@@ -446,7 +446,8 @@ pub(crate) enum Swept {
         task_id: String,
         backend: String,
         lease: u64,
-        /// It stopped by timing out, so `timeout_callback` runs again too.
+        /// It timed out and its `timeout_callback` had not returned (reason `timeout`,
+        /// not `timeout_done`), so that runs again too.
         timed_out: bool,
     },
     /// The slot's hash is unreadable; left alone.
