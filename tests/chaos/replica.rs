@@ -280,6 +280,11 @@ impl Backend for Chaos {
         if let Some(ms) = stall {
             self.history.log("poll_stall", json!({ "task": task, "ms": ms }));
             tokio::time::sleep(Duration::from_millis(ms)).await;
+            // A drain that came during the stall stops this start too: the parent's
+            // drain waits well under the longest stall for the slots to stay idle.
+            if self.drain.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
         }
         Ok(task)
     }
