@@ -802,15 +802,7 @@ impl Scheduler {
                 )
                 .await?;
             for member in page {
-                // No slot id is anything but UTF-8: such a member is foreign data.
-                let id = String::from_utf8(member).map_err(|e| Error::CorruptState {
-                    key: inner.keys.idle.clone(),
-                    detail: format!(
-                        "holds a member that is not UTF-8: {:?}",
-                        String::from_utf8_lossy(e.as_bytes())
-                    ),
-                })?;
-                ids.insert(id);
+                ids.insert(scripts::utf8_in(&inner.keys.idle, "a member", &member)?);
             }
             cursor = next;
             if cursor == 0 {

@@ -212,6 +212,18 @@ impl<'a> Packed<'a> {
     }
 }
 
+/// `bytes`, read from `key`, as text. No replica writes a slot id or epoch id that is
+/// not UTF-8: one is foreign data, reported naming the key (`what`: "a member").
+pub(crate) fn utf8_in(key: &str, what: &str, bytes: &[u8]) -> Result<String> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| Error::CorruptState {
+        key: key.to_owned(),
+        detail: format!(
+            "holds {what} that is not UTF-8: {:?}",
+            String::from_utf8_lossy(bytes)
+        ),
+    })
+}
+
 fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
@@ -406,23 +418,14 @@ pub(crate) async fn tick(
         })
     };
     let raw = parse().ok_or_else(|| bad_reply("tick", &value))?;
-    let utf8 = |key: &str, what: &str, bytes: &[u8]| {
-        String::from_utf8(bytes.to_vec()).map_err(|_| Error::CorruptState {
-            key: key.to_owned(),
-            detail: format!(
-                "holds {what} that is not UTF-8: {:?}",
-                String::from_utf8_lossy(bytes)
-            ),
-        })
-    };
     let ids = |key: &str, list: Vec<&[u8]>| -> Result<Vec<String>> {
-        list.into_iter().map(|b| utf8(key, "a member", b)).collect()
+        list.into_iter().map(|b| utf8_in(key, "a member", b)).collect()
     };
     Ok(Tick {
         now_ms: raw.now_ms,
         due: ids(&keys.deadlines, raw.due)?,
         idle: ids(&keys.idle, raw.idle)?,
-        epoch: utf8(&keys.epoch, "an id", raw.epoch)?,
+        epoch: utf8_in(&keys.epoch, "an id", raw.epoch)?,
         quarantine_until_ms: raw.quarantine_until_ms,
         idle_count: raw.idle_count,
     })
