@@ -820,22 +820,26 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Median latency, in µs, of keepalives of `tasks` sent one by one.
+/// Median latency, in µs, of keepalives of `tasks` sent one by one. `None` when a
+/// task had passed its deadline: the slot timeout was too short for this VM's pace.
 async fn round_trip_us<'a>(
     scheduler: &Scheduler,
     tasks: impl Iterator<Item = &'a str>,
-) -> Result<f64, String> {
+) -> Result<Option<f64>, String> {
     let mut latencies = Vec::with_capacity(ROUND_TRIPS);
     for task in tasks {
         let t = Instant::now();
-        scheduler.keepalive(task).await.map_err(|e| error_chain(&e))?;
-        latencies.push(t.elapsed().as_secs_f64() * 1e6);
+        match scheduler.keepalive(task).await {
+            Ok(()) => latencies.push(t.elapsed().as_secs_f64() * 1e6),
+            Err(task_semaphore::Error::Expired { .. }) => return Ok(None),
+            Err(e) => return Err(error_chain(&e)),
+        }
     }
-    Ok(median(latencies))
+    Ok(Some(median(latencies)))
 }
 
 /// Build, fill, steady ticks, then the sweep of all N slots once they expired.
-/// `None` when slots expired during the steady ticks: the timeout was too short.
+/// `None` when slots expired during the fill or the steady ticks: the timeout was too short.
 async fn size_run(server: &Server, n: usize, timeout: Duration) -> Result<Option<SizeRun>, String> {
     let fail = |e: task_semaphore::Error| error_chain(&e);
     let before_build = server.used_memory().await?;
@@ -869,7 +873,9 @@ async fn size_run(server: &Server, n: usize, timeout: Duration) -> Result<Option
         .pop()
         .ok_or("the probe scheduler started no task")?
         .task_id;
-    let before = round_trip_us(&probe, std::iter::repeat_n(probe_task.as_str(), ROUND_TRIPS)).await?;
+    let before = round_trip_us(&probe, std::iter::repeat_n(probe_task.as_str(), ROUND_TRIPS))
+        .await?
+        .ok_or("the probe's task passed its deadline")?;
     server.delete_keys(&probe.key_pattern(), "DEL").await?;
     drop(probe);
 
@@ -888,7 +894,11 @@ async fn size_run(server: &Server, n: usize, timeout: Duration) -> Result<Option
     // And just after it, on this scheduler's tasks: the fill is compared with the mean
     // of the two, so a VM whose speed drifts during the fill skews it less.
     let tasks = fill.started.iter().take(ROUND_TRIPS).map(|t| t.task_id.as_str());
-    let after = round_trip_us(&scheduler, tasks).await?;
+    let Some(after) = round_trip_us(&scheduler, tasks).await? else {
+        // The fill outlasted the slot timeout: run again with a longer one.
+        server.delete_keys(&scheduler.key_pattern(), "DEL").await?;
+        return Ok(None);
+    };
     let keepalive_rt_us = (before + after) / 2.0;
     let fill_ratio = fill_ms * 1000.0 / n as f64 / keepalive_rt_us;
     // Every deadline is a claim's Redis time plus the timeout.
@@ -1069,7 +1079,9 @@ async fn sizes(server: &Server, s: &Settings) -> Result<Vec<SizeRow>, String> {
                     None => per_slot *= 2,
                 }
             }
-            runs.push(done.ok_or_else(|| format!("slots of N = {n} kept expiring during the steady ticks"))?);
+            runs.push(done.ok_or_else(|| {
+                format!("slots of N = {n} kept expiring during the fill or the steady ticks")
+            })?);
         }
         let med = |f: fn(&SizeRun) -> f64| median(runs.iter().map(f).collect());
         let slowest: Vec<f64> = runs.iter().filter_map(|r| r.slowest_ms).collect();
