@@ -6,7 +6,7 @@ Each mutation is applied to the working tree, the tests run, and the file is res
 import os, subprocess, sys, shutil, tempfile
 M = [
  ("M1 claim ignores busy slot", "lua/claim.lua", "elseif c.state ~= 'idle' then\n", "elseif false then\n"),
- ("M2 claim ignores task already held", "lua/claim.lua", "elseif held[c.task_id] or holders[i] then", "elseif false then"),
+ ("M2 claim ignores task already held", "lua/claim.lua", "      elseif r == 0 then", "      elseif false then"),
  ("M3 claim ignores stale polls", "lua/claim.lua", "(ended_at and tonumber(ended_at) >= c.polled_at)", "false"),
  ("M4 sweep ignores deadline", "lua/sweep.lua", "elseif s.state == 'busy' and s.due <= now then", "elseif s.state == 'busy' then"),
  ("M5 sweep frees before callbacks", "lua/sweep.lua", "redis.call('HSET', key, 'stopping', 'timeout', 'reclaim', reclaim)", "redis.call('SADD', KEYS[2], id)\n    redis.call('HDEL', key, 'task', 'backend', 'lease', 'start', 'due')"),
@@ -32,7 +32,8 @@ M = [
  ("M26 claim skips the type check of idle", "lua/claim.lua", "check_type(idle_key, 'set')\n", ""),
  ("M27 a late detector restarts the quarantine", "lua/epoch.lua", "since = math.min(now, strict_int(fields[3] or '') or now)", "since = now"),
  ("M28 a kept timeout forgets its timeout_callback ran", "lua/timeout_done.lua", "redis.call('HSET', KEYS[1], 'stopping', 'timeout_done')", "redis.call('HSET', KEYS[1], 'stopping', 'timeout')"),
- ("M29 a stopped task leaves the index before its callbacks", "lua/release.lua", "  -- The index keeps the task until free.lua: no claim takes it again meanwhile.\n", "  redis.call('HDEL', tasks_key, task_id)\n"),
+ ("M29 a stopped task leaves the index before its callbacks", "lua/release.lua", "  -- The index keeps the task until free.lua: no claim takes it again meanwhile.\n", "  redis.call('HDEL', bucket_key, task_id)\n"),
+ ("M30 claim ignores the epoch's task_buckets", "lua/claim.lua", "if epoch[2] ~= ARGV[2] then", "if false then"),
  ("M11 strict numbers off", "lua/common.lua", "not not string.match(v, '^%d+$')", "true"),
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,24 +1,29 @@
--- KEYS[1] tasks hash  KEYS[2] deadlines zset  KEYS[3] idle set  KEYS[4] ended zset
--- KEYS[5] lease counter  KEYS[6] epoch hash  KEYS[6+i] slot hash of claim i
+-- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[3] ended zset  KEYS[4] lease counter
+-- KEYS[5] epoch hash  KEYS[4+2i] slot hash of claim i  KEYS[5+2i] task bucket of claim i
 -- ARGV[1] stale_after_ms: how old a poll may be
--- ARGV[2+5(i-1) ..] claim i: slot id, task id, backend, timeout ms,
+-- ARGV[2] task_buckets the caller computed the buckets with (the epoch's)
+-- ARGV[3+5(i-1) ..] claim i: slot id, task id, backend, timeout ms,
 --   polled_at_ms (Redis time of a reply received before the poll began)
 -- Returns  a packed reply (see `put` in common.lua): now_ms, then status_i and lease_i
 --   of each claim; lease is "0" unless OK.
 -- Status per claim, taken in order (a task id given twice is TASK_BUSY the 2nd time):
---   OK, SLOT_BUSY, TASK_BUSY, STALE, QUARANTINE, or "CORRUPT <why>" for an unreadable
---   slot hash (that claim only). A foreign shared key aborts the whole call, before
---   any write, with error "CORRUPT <key> ...".
+--   OK, SLOT_BUSY, TASK_BUSY, STALE, QUARANTINE, "CORRUPT <why>" for an unreadable
+--   slot hash, or "INDEX <why>" for a task bucket of another type (that claim only). A
+--   foreign shared key aborts the whole call, before any write, with error
+--   "CORRUPT <key> ...", and a task_buckets other than the epoch's with error
+--   "ERR claim: task_buckets ...".
+-- A task's index entry is its claim's first write (HSETNX, which also finds a task
+-- that holds a slot already): every other check comes before it.
 -- QUARANTINE: state was lost (see epoch.lua) and no slot is granted before
 -- quarantine_until_ms. A missing lease counter starts at Redis time in ms x 100, so
 -- that leases do not repeat even when the state is lost and no replica noticed.
 -- STALE: the task ended at or after polled_at_ms (the poll may predate its start),
 -- or the poll is older than stale_after_ms. Either way the caller polls again later.
-local tasks_key, deadlines_key, idle_key, ended_key, lease_key, epoch_key =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local deadlines_key, idle_key, ended_key, lease_key, epoch_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local stale_after = strict_int(ARGV[1])
-local n = #KEYS - 6
-if stale_after == nil or #ARGV ~= 1 + 5 * n then
+local n = (#KEYS - 5) / 2
+if stale_after == nil or n % 1 ~= 0 or #ARGV ~= 2 + 5 * n then
   return redis.error_reply('ERR claim: bad arguments')
 end
 -- Timeouts and poll times repeat across a batch: each distinct string parsed once.
@@ -33,8 +38,8 @@ local function int_arg(v)
 end
 local claims = {}
 for i = 1, n do
-  local a = 1 + 5 * (i - 1)
-  local c = {slot_key = KEYS[6 + i], slot_id = ARGV[a + 1], task_id = ARGV[a + 2],
+  local a = 2 + 5 * (i - 1)
+  local c = {slot_key = KEYS[4 + 2 * i], bucket_key = KEYS[5 + 2 * i], slot_id = ARGV[a + 1], task_id = ARGV[a + 2],
     backend = ARGV[a + 3], timeout_s = ARGV[a + 4], timeout = int_arg(ARGV[a + 4]),
     polled_at = int_arg(ARGV[a + 5]), state = false, why = false}  -- sized once
   if c.timeout == nil or c.polled_at == nil or c.task_id == '' then
@@ -45,9 +50,14 @@ end
 -- The keys the claims read are type-checked by those reads; the others here.
 check_type(deadlines_key, 'zset')
 check_type(idle_key, 'set')
-local quarantine = strict_int(read_checked('hash', 'HGET', epoch_key, 'quarantine_until_ms') or '0')
+local epoch = read_checked('hash', 'HMGET', epoch_key, 'quarantine_until_ms', 'task_buckets')
+local quarantine = strict_int(epoch[1] or '0')
 if quarantine == nil then
   corrupt(epoch_key, 'has a bad field quarantine_until_ms')
+end
+if epoch[2] ~= ARGV[2] then
+  -- The epoch changed under the caller: its buckets would not be the ones others read.
+  return redis.error_reply('ERR claim: task_buckets is ' .. tostring(epoch[2]) .. ', not ' .. ARGV[2])
 end
 local last_lease = read_checked('string', 'GET', lease_key)
 if last_lease and strict_int(last_lease) == nil then
@@ -57,12 +67,11 @@ if last_lease and strict_int(last_lease) + n > MAX_INT then
   -- The next lease would not be readable back: refuse before writing anything.
   corrupt(lease_key, 'is exhausted (' .. last_lease .. ')')
 end
--- Whether each task holds a slot already, and when it last ended: one call each.
+-- When each task last ended, in one call.
 local ids = {}
 for i = 1, n do
   ids[i] = claims[i].task_id
 end
-local holders = read_checked('hash', 'HMGET', tasks_key, unpack(ids))
 local ended = read_checked('zset', 'ZMSCORE', ended_key, unpack(ids))
 -- Only an idle slot is claimed: a registered slot with its `timeout`, and no `task`,
 -- `stopping` or `lease` (read_slot's rule). Those are all a claim reads of an idle
@@ -82,7 +91,7 @@ local now = now_ms()
 local now_s = int_s(now)
 local out = {}
 put(out, now_s)
-local taken, held = {}, {}
+local taken = {}
 -- Writes to the shared keys are gathered and sent once at the end. Numbers become
 -- strings once (a Lua number passed to redis.call is formatted each time).
 local lease = strict_int(last_lease or '0')
@@ -90,7 +99,7 @@ if not last_lease then
   lease = now * 100
 end
 local first_lease = lease
-local not_idle, new_tasks, new_deadlines, reused = {}, {}, {}, {}
+local not_idle, new_deadlines, reused = {}, {}, {}
 local deadline_of = {}
 for i = 1, n do
   local c = claims[i]
@@ -105,12 +114,19 @@ for i = 1, n do
     status = 'SLOT_BUSY'
   elseif taken[c.slot_key] then
     status = 'SLOT_BUSY'
-  elseif held[c.task_id] or holders[i] then
-    status = 'TASK_BUSY'
   else
     local ended_at = ended[i]
     if now - c.polled_at > stale_after or (ended_at and tonumber(ended_at) >= c.polled_at) then
       status = 'STALE'
+    else
+      -- The claim's first write: the index entry, unless the task holds a slot already
+      -- (a task given twice in this call finds its own first entry).
+      local r = redis.pcall('HSETNX', c.bucket_key, c.task_id, c.slot_id)
+      if type(r) == 'table' then
+        status = 'INDEX is a ' .. redis.call('TYPE', c.bucket_key)['ok'] .. ', expected a hash'
+      elseif r == 0 then
+        status = 'TASK_BUSY'
+      end
     end
   end
   if status then
@@ -127,9 +143,6 @@ for i = 1, n do
     redis.call('HSET', c.slot_key, 'task', c.task_id, 'backend', c.backend, 'lease', lease_s,
       'start', now_s, 'due', deadline, 'timeout', c.timeout_s)
     taken[c.slot_key] = true
-    held[c.task_id] = true
-    new_tasks[#new_tasks + 1] = c.task_id
-    new_tasks[#new_tasks + 1] = c.slot_id
     new_deadlines[#new_deadlines + 1] = deadline
     new_deadlines[#new_deadlines + 1] = c.slot_id
     not_idle[#not_idle + 1] = c.slot_id
@@ -143,7 +156,6 @@ for i = 1, n do
 end
 if lease ~= first_lease then
   redis.call('SET', lease_key, int_s(lease))
-  redis.call('HSET', tasks_key, unpack(new_tasks))
   redis.call('ZADD', deadlines_key, unpack(new_deadlines))
   if #reused > 0 then
     redis.call('ZREM', ended_key, unpack(reused))

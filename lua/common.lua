@@ -166,12 +166,12 @@ local function make_idle(slot_key, slot_id, idle_key, deadlines_key)
   redis.call('ZREM', deadlines_key, slot_id)
 end
 
--- Finds the slot that holds `task_id` through the tasks index, and checks the
+-- Finds the slot that holds `task_id` through its bucket of the task index, and checks the
 -- caller's belief that it is `slot_id`. Returns the busy slot, or nil and the reply to
 -- give: {"WRONG_TASK"} (no hold, or one that is stopping) or {"MOVED", owner}. Raises
 -- CORRUPT when index and slot disagree.
-local function slot_of_task(tasks_key, slot_key, task_id, slot_id)
-  local owner = redis.call('HGET', tasks_key, task_id)
+local function slot_of_task(bucket_key, slot_key, task_id, slot_id)
+  local owner = redis.call('HGET', bucket_key, task_id)
   if not owner then
     return nil, {'WRONG_TASK'}
   end
@@ -188,7 +188,7 @@ local function slot_of_task(tasks_key, slot_key, task_id, slot_id)
     return nil, {'WRONG_TASK'}
   end
   if s.state ~= 'busy' or s.task ~= task_id then
-    corrupt(tasks_key, 'maps the task to slot ' .. slot_id .. ', which does not hold it')
+    corrupt(bucket_key, 'maps the task to slot ' .. slot_id .. ', which does not hold it')
   end
   return s
 end

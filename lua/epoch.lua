@@ -2,7 +2,8 @@
 -- ARGV[1] epoch id this replica saw last, or "" (a replica that saw none yet)
 -- ARGV[2] id for a new epoch  ARGV[3] quarantine (ms) to start when state was lost
 -- ARGV[4] highest lease this replica has seen
--- Returns  {"NEW" | "SAME" | "LOST", epoch id, quarantine_until_ms}
+-- ARGV[5] task buckets for a new epoch (a power of two, 1 to 65536)
+-- Returns  {"NEW" | "SAME" | "LOST", epoch id, quarantine_until_ms, task buckets}
 -- The epoch names one unbroken life of the scheduler's state. A replica that saw
 -- epoch E and finds none (a restart without persistence, FLUSHALL) or another (a
 -- replica recreated it after such a loss) reports LOST: the quarantine then holds
@@ -11,10 +12,30 @@
 -- is raised past every lease this replica has seen and, when it is missing,
 -- restarted from Redis time in ms x 100 (as claim.lua does), so no lease number
 -- repeats.
+-- The task index is split in `task_buckets` hashes, fixed when the epoch is created
+-- (from the creating replica's slot count): every replica must agree on it, so it
+-- lives here and changes only with the epoch.
+
+-- Whether v (a number or nil) is a valid count of task buckets: a power of two from 1
+-- to 65536.
+local function is_buckets(v)
+  if v == nil or v < 1 or v > 65536 then
+    return false
+  end
+  while v > 1 do
+    if v % 2 ~= 0 then
+      return false
+    end
+    v = v / 2
+  end
+  return true
+end
+
 local epoch_key, lease_key = KEYS[1], KEYS[2]
 local seen, new_id = ARGV[1], ARGV[2]
 local quarantine, max_lease = strict_int(ARGV[3]), strict_int(ARGV[4])
-if new_id == '' or quarantine == nil or max_lease == nil then
+local new_buckets = strict_int(ARGV[5])
+if new_id == '' or quarantine == nil or max_lease == nil or not is_buckets(new_buckets) then
   return redis.error_reply('ERR epoch: bad arguments')
 end
 check_type(epoch_key, 'hash')
@@ -23,12 +44,16 @@ local last_lease = redis.call('GET', lease_key)
 if last_lease and strict_int(last_lease) == nil then
   corrupt(lease_key, 'holds a non-number')
 end
-local fields = redis.call('HMGET', epoch_key, 'id', 'quarantine_until_ms', 'created_at_ms')
-local current, until_ms = fields[1], 0
+local fields = redis.call('HMGET', epoch_key, 'id', 'quarantine_until_ms', 'created_at_ms', 'task_buckets')
+local current, until_ms, buckets = fields[1], 0, new_buckets
 if current then
   until_ms = strict_int(fields[2] or '0')
   if until_ms == nil then
     corrupt(epoch_key, 'has a bad field quarantine_until_ms')
+  end
+  buckets = strict_int(fields[4])
+  if not is_buckets(buckets) then
+    corrupt(epoch_key, 'has a bad or missing field task_buckets')
   end
 end
 
@@ -37,7 +62,8 @@ local verdict = 'SAME'
 if not current then
   current = new_id
   verdict = (seen == '') and 'NEW' or 'LOST'
-  redis.call('HSET', epoch_key, 'id', current, 'created_at_ms', now, 'quarantine_until_ms', 0)
+  redis.call('HSET', epoch_key, 'id', current, 'created_at_ms', now, 'quarantine_until_ms', 0,
+    'task_buckets', buckets)
 elseif seen ~= '' and current ~= seen then
   verdict = 'LOST'
 end
@@ -65,4 +91,4 @@ if verdict == 'LOST' then
     redis.call('SET', lease_key, floor)
   end
 end
-return {verdict, current, until_ms}
+return {verdict, current, until_ms, buckets}

@@ -1,56 +1,48 @@
--- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[3] tasks hash  KEYS[3+i] slot hash i
--- ARGV[2i-1] slot id i  ARGV[2i] lease that stopped in slot i
+-- KEYS[1] deadlines zset  KEYS[2] idle set
+-- KEYS[1+2i] slot hash i  KEYS[2+2i] task bucket of the task that stopped in slot i
+-- ARGV[3i-2] slot id i  ARGV[3i-1] lease that stopped in slot i  ARGV[3i] its task id
 -- Returns  a string of n characters: "1" when slot i was stopping with that lease and
 -- is idle now; "0" when it was not (a sweep reclaimed it first, or it is corrupt). One
 -- string is cheaper to build and to read than an array of n integers.
 -- Called once the stop/timeout callbacks of the lease have returned. The task leaves
 -- the index here, not at its stop or timeout: until its callbacks returned, no claim
--- takes it again (in this slot or another).
+-- takes it again (in this slot or another). A bucket of another type is left alone
+-- (the slot is freed all the same): the claims of its tasks report it.
 check_type(KEYS[1], 'zset')
 check_type(KEYS[2], 'set')
-local n = #KEYS - 3
+local n = (#KEYS - 2) / 2
+if n % 1 ~= 0 or #ARGV ~= 3 * n then
+  return redis.error_reply('ERR free: bad arguments')
+end
 -- Only the stopping reason and lease decide (a slot of another type or shape is not
--- freed); clearing the holder drops whatever else the hash had.
-local tasks = {}
+-- freed); clearing the holder drops whatever else the hash had. The index entry goes
+-- only where it still names the slot freed: everything is read before any write.
+local freeing, gone = {}, {}
 for i = 1, n do
-  local r = redis.pcall('HMGET', KEYS[3 + i], 'stopping', 'lease', 'task')
-  if not r.err and r[1] and r[2] == ARGV[2 * i] then
-    tasks[i] = r[3] or false
+  local r = redis.pcall('HMGET', KEYS[1 + 2 * i], 'stopping', 'lease', 'task')
+  if not r.err and r[1] and r[2] == ARGV[3 * i - 1] then
+    freeing[i] = true
+    local task = ARGV[3 * i]
+    if r[3] == task and redis.pcall('HGET', KEYS[2 + 2 * i], task) == ARGV[3 * i - 2] then
+      gone[i] = true
+    end
   end
 end
--- The index entries of the tasks freed, read before any write.
-local ids, at = {}, {}
+local out, freed = {}, {}
 for i = 1, n do
-  if tasks[i] then
-    ids[#ids + 1] = tasks[i]
-    at[#ids] = i
-  end
-end
-local owners = {}
-if #ids > 0 then
-  owners = read_checked('hash', 'HMGET', KEYS[3], unpack(ids))
-end
-local out, freed, gone = {}, {}, {}
-for i = 1, n do
-  if tasks[i] ~= nil then
-    clear_holder(KEYS[3 + i])
-    freed[#freed + 1] = ARGV[2 * i - 1]
+  if freeing[i] then
+    clear_holder(KEYS[1 + 2 * i])
+    if gone[i] then
+      redis.call('HDEL', KEYS[2 + 2 * i], ARGV[3 * i])
+    end
+    freed[#freed + 1] = ARGV[3 * i - 2]
     out[i] = '1'
   else
     out[i] = '0'
   end
 end
--- An entry goes only where it still names the slot freed.
-for j, task in ipairs(ids) do
-  if owners[j] == ARGV[2 * at[j] - 1] then
-    gone[#gone + 1] = task
-  end
-end
 if #freed > 0 then
   redis.call('SADD', KEYS[2], unpack(freed))
   redis.call('ZREM', KEYS[1], unpack(freed))
-end
-if #gone > 0 then
-  redis.call('HDEL', KEYS[3], unpack(gone))
 end
 return table.concat(out)

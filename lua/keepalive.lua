@@ -1,4 +1,5 @@
--- KEYS[1] tasks hash  KEYS[2] slot hash  KEYS[3] deadlines zset
+-- KEYS[1] task bucket (the index hash of the task)  KEYS[2] slot hash
+-- KEYS[3] deadlines zset
 -- ARGV[1] task id  ARGV[2] slot id the caller believes holds it
 -- ARGV[3] lease the caller holds, or "" for whichever lease holds the task
 -- Returns  {"OK", now_ms, lease, due, backend} | {"WRONG_TASK"}
@@ -7,11 +8,11 @@
 -- Pushes the deadline (`due`) to now + the slot's timeout. A task whose deadline has passed
 -- is not revived: the next sweep times it out. With a lease, a newer hold of the same
 -- task id is never extended.
-local tasks_key, slot_key, deadlines_key = KEYS[1], KEYS[2], KEYS[3]
+local bucket_key, slot_key, deadlines_key = KEYS[1], KEYS[2], KEYS[3]
 local task_id, slot_id, want_lease = ARGV[1], ARGV[2], ARGV[3]
-check_type(tasks_key, 'hash')
+check_type(bucket_key, 'hash')
 check_type(deadlines_key, 'zset')
-local s, refusal = slot_of_task(tasks_key, slot_key, task_id, slot_id)
+local s, refusal = slot_of_task(bucket_key, slot_key, task_id, slot_id)
 if s == nil then
   return refusal
 end

@@ -1,5 +1,5 @@
--- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[3] tasks hash  KEYS[4] ended zset
--- KEYS[4+i] slot hash i   -- ARGV[i] slot id i
+-- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[3] ended zset
+-- KEYS[3+i] slot hash i   -- ARGV[i] slot id i
 -- Returns  a packed reply (see `put` in common.lua): now_ms, then one record per slot,
 --   in order: "T" task backend lease (timed out), "R" task backend lease reason
 --   (reclaimed), "C" why (corrupt), or "-" (not due: left alone).
@@ -9,12 +9,10 @@
 -- `reclaim` (its callbacks never finished) is handed to this caller in the same
 -- way: it stays stopping with a new `reclaim` while the caller runs the callbacks
 -- again (at least once), then frees it.
+-- The task index is not touched here: free.lua drops the task.
 check_type(KEYS[1], 'zset')
 check_type(KEYS[2], 'set')
--- The index is not written here (free.lua drops the task), but a foreign one stops the
--- sweep before any callback runs.
-check_type(KEYS[3], 'hash')
-check_type(KEYS[4], 'zset')
+check_type(KEYS[3], 'zset')
 local now = now_ms()
 local now_s = int_s(now)
 -- now + timeout as a string, formatted once per distinct timeout.
@@ -28,10 +26,10 @@ local function reclaim_at(timeout)
   return r
 end
 
-local n = #KEYS - 4
+local n = #KEYS - 3
 local slots, reasons = {}, {}
 for i = 1, n do
-  slots[i], reasons[i] = read_slot(KEYS[4 + i])
+  slots[i], reasons[i] = read_slot(KEYS[3 + i])
 end
 
 -- Writes to the shared keys are gathered and sent once at the end.
@@ -39,7 +37,7 @@ local stale_deadlines, new_deadlines, ended = {}, {}, {}
 local out = {}
 put(out, now_s)
 for i = 1, n do
-  local key, id, s = KEYS[4 + i], ARGV[i], slots[i]
+  local key, id, s = KEYS[3 + i], ARGV[i], slots[i]
   if reasons[i] then
     put(out, 'C')
     put(out, reasons[i])
@@ -79,6 +77,6 @@ if #new_deadlines > 0 then
   redis.call('ZADD', KEYS[1], unpack(new_deadlines))
 end
 if #ended > 0 then
-  redis.call('ZADD', KEYS[4], unpack(ended))
+  redis.call('ZADD', KEYS[3], unpack(ended))
 end
 return table.concat(out)

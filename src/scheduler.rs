@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,9 +14,9 @@ use crate::backend::{Backend, BoxError, Callback, DynBackend};
 use crate::config::{self, SlotConfig};
 use crate::connection::{self, Redis};
 use crate::error::{Error, Result};
-use crate::keys::Keys;
+use crate::keys::{self, Keys};
 use crate::report::{Inspection, ScheduleReport, SlotTask, Stage, TickError};
-use crate::scripts::{self, Claim, ClaimArgs, EpochVerdict, Held, RegisterSlot, ReleaseMode, Swept};
+use crate::scripts::{self, Claim, ClaimArgs, EpochVerdict, Held, RegisterSlot, ReleaseMode, Swept, ToFree};
 use crate::slot::{from_ms, strict_u64, SlotState, SlotStatus};
 
 /// The longest task id accepted, in bytes (64 KiB).
@@ -263,6 +263,7 @@ impl SchedulerBuilder {
             quarantine_ms,
             located: Mutex::new(HashMap::new()),
             epoch: Mutex::new(String::new()),
+            task_buckets: AtomicU32::new(1),
             max_lease: AtomicU64::new(0),
             batching,
             corrupt_logged: Mutex::new(HashMap::new()),
@@ -317,6 +318,8 @@ struct Inner {
     quarantine_ms: u64,
     /// The epoch id this replica saw last.
     epoch: Mutex<String>,
+    /// The task index's bucket count in that epoch (`task_buckets` of the epoch hash).
+    task_buckets: AtomicU32,
     /// The highest lease this replica has seen, to keep leases from repeating.
     max_lease: AtomicU64,
     /// Per backend: 0 not known yet, [`NO_BATCH`] when it has no `poll_many`.
@@ -492,6 +495,7 @@ impl Scheduler {
             &new_epoch_id(),
             inner.quarantine_ms,
             inner.max_lease.load(Ordering::Relaxed),
+            keys::buckets_for(inner.slots.len()),
         )
         .await?;
         let lost = epoch.verdict == EpochVerdict::Lost;
@@ -507,8 +511,43 @@ impl Scheduler {
                  granted until the quarantine ends"
             );
         }
+        inner.task_buckets.store(epoch.task_buckets, Ordering::Relaxed);
         *inner.epoch.lock().unwrap_or_else(|p| p.into_inner()) = epoch.id;
         Ok(lost)
+    }
+
+    /// The key of the task index's bucket that holds `task_id`'s entry: a HASH task
+    /// id → slot id, which `redis-cli HGET <key> <task id>` reads (see the README,
+    /// "Redis keys"). The bucket count is the epoch's, as this replica last saw it.
+    pub fn task_index_key(&self, task_id: &str) -> String {
+        self.inner.keys.task_bucket(task_id, self.buckets())
+    }
+
+    /// The task index's bucket count this replica uses.
+    fn buckets(&self) -> u32 {
+        self.inner.task_buckets.load(Ordering::Relaxed)
+    }
+
+    /// After a task was not found in the index: rereads the epoch's bucket count, in
+    /// case the epoch changed since this replica last looked (it may only serve
+    /// keepalive and stop, and never tick). Returns whether it changed, so the caller
+    /// looks again.
+    async fn buckets_changed(&self) -> Result<bool> {
+        let inner = &self.inner;
+        let stored: Option<String> = inner
+            .redis
+            .query(
+                "reading the task buckets",
+                redis::cmd("HGET").arg(&inner.keys.epoch).arg("task_buckets"),
+            )
+            .await?;
+        let Some(buckets) = stored
+            .and_then(|b| b.parse::<u32>().ok())
+            .filter(|b| b.is_power_of_two() && *b <= keys::MAX_BUCKETS)
+        else {
+            return Ok(false);
+        };
+        Ok(inner.task_buckets.swap(buckets, Ordering::Relaxed) != buckets)
     }
 
     fn saw_lease(&self, lease: u64) {
@@ -598,27 +637,30 @@ impl Scheduler {
         if let Some(slot_id) = hint {
             return Ok((slot_id, true));
         }
-        let keys = &self.inner.keys;
-        let found: Option<String> = self
-            .inner
-            .redis
-            .query(
-                "looking up a task",
-                redis::cmd("HGET").arg(&keys.tasks).arg(task_id),
-            )
-            .await
-            .map_err(|e| match e {
-                Error::Redis { ref source, .. } if source.code() == Some("WRONGTYPE") => {
-                    Error::CorruptState {
-                        key: keys.tasks.clone(),
-                        detail: "is not a hash".into(),
+        for _ in 0..2 {
+            let bucket = self.inner.keys.task_bucket(task_id, self.buckets());
+            let found: Option<String> = self
+                .inner
+                .redis
+                .query("looking up a task", redis::cmd("HGET").arg(&bucket).arg(task_id))
+                .await
+                .map_err(|e| match e {
+                    Error::Redis { ref source, .. } if source.code() == Some("WRONGTYPE") => {
+                        Error::CorruptState {
+                            key: bucket.clone(),
+                            detail: "is not a hash".into(),
+                        }
                     }
-                }
-                other => other,
-            })?;
-        found
-            .map(|slot_id| (slot_id, false))
-            .ok_or_else(|| Error::WrongTaskId(task_id.to_owned()))
+                    other => other,
+                })?;
+            if let Some(slot_id) = found {
+                return Ok((slot_id, false));
+            }
+            if !self.buckets_changed().await? {
+                break;
+            }
+        }
+        Err(Error::WrongTaskId(task_id.to_owned()))
     }
 
     /// Asks the backend what to do after `error` in `callback`; true frees the slot.
@@ -750,14 +792,24 @@ impl Scheduler {
                 timeout_ms: slot.config.timeout_ms(),
                 polled_at_ms,
             };
-            let (now_ms, outcomes) =
-                scripts::claim(&inner.redis, &inner.keys, inner.stale_after_ms, &[args]).await?;
+            let (now_ms, outcomes) = scripts::claim(
+                &inner.redis,
+                &inner.keys,
+                self.buckets(),
+                inner.stale_after_ms,
+                &[args],
+            )
+            .await?;
             clock.saw(now_ms);
             match outcomes.into_iter().next() {
                 Some(Claim::Ok { lease }) => {
                     return Ok(self.start_claimed(index, b, task_id, lease, clock, report).await);
                 }
                 Some(Claim::TaskBusy | Claim::Stale) => continue,
+                Some(Claim::Index(why)) => {
+                    self.corrupt_index(slot_id, name, &task_id, why, report);
+                    continue;
+                }
                 Some(Claim::Corrupt(why)) => {
                     self.corrupt_claim(slot_id, name, &task_id, why, report);
                     return Ok(false);
@@ -782,6 +834,30 @@ impl Scheduler {
             detail: why,
         };
         self.record_corrupt(&mut report.errors, slot_id, Some(backend), Some(task_id), e);
+    }
+
+    /// A claim refused because the task's bucket of the index holds foreign data: an
+    /// error naming the bucket (the slot is fine, and may take another task).
+    fn corrupt_index(
+        &self,
+        slot_id: &str,
+        backend: &str,
+        task_id: &str,
+        why: String,
+        report: &mut ScheduleReport,
+    ) {
+        let e = Error::CorruptState {
+            key: self.inner.keys.task_bucket(task_id, self.buckets()),
+            detail: why,
+        };
+        record(
+            &mut report.errors,
+            Stage::Redis,
+            slot_id,
+            Some(backend),
+            Some(task_id),
+            e,
+        );
     }
 
     /// Every member of the idle set, by SSCAN pages (each a short command).
@@ -888,6 +964,7 @@ impl Scheduler {
                 let released = scripts::release(
                     &inner.redis,
                     &inner.keys,
+                    self.buckets(),
                     &task_id,
                     slot_id,
                     "start_failed",
@@ -935,7 +1012,14 @@ impl Scheduler {
                 }
             })
             .collect();
-        scripts::claim(&inner.redis, &inner.keys, inner.stale_after_ms, &args).await
+        scripts::claim(
+            &inner.redis,
+            &inner.keys,
+            self.buckets(),
+            inner.stale_after_ms,
+            &args,
+        )
+        .await
     }
 
     /// Fills idle slots. Slots whose next backend provides `poll_many` are served in
@@ -1053,6 +1137,11 @@ impl Scheduler {
                                     }
                                 }
                                 Claim::TaskBusy | Claim::Stale => todo.push((*index, pos + 1)),
+                                Claim::Index(why) => {
+                                    let slot_id = inner.slots[*index].config.slot_id.as_str();
+                                    self.corrupt_index(slot_id, name, id, why, report);
+                                    todo.push((*index, pos + 1));
+                                }
                                 Claim::Corrupt(why) => {
                                     let slot_id = inner.slots[*index].config.slot_id.as_str();
                                     self.corrupt_claim(slot_id, name, id, why, report);
@@ -1145,12 +1234,12 @@ impl Scheduler {
                     if to_free.is_empty() {
                         return Ok(Vec::new());
                     }
-                    let freed = scripts::free(&inner.redis, &inner.keys, &to_free).await?;
+                    let freed = scripts::free(&inner.redis, &inner.keys, self.buckets(), &to_free).await?;
                     Ok::<_, Error>(
                         to_free
                             .into_iter()
                             .zip(freed)
-                            .filter_map(|((slot_id, _), freed)| freed.then_some(slot_id))
+                            .filter_map(|(f, freed)| freed.then_some(f.slot_id))
                             .collect::<Vec<_>>(),
                     )
                 };
@@ -1181,12 +1270,7 @@ impl Scheduler {
     /// Runs the callbacks of what one sweep call took (`timeout_callback` then
     /// `stop_callback` of each timed-out hold; both again for a reclaimed one), and
     /// records it in `report`. Returns the (slot, lease) pairs to free.
-    async fn finish_swept(
-        &self,
-        now_ms: u64,
-        swept: Vec<Swept>,
-        report: &mut ScheduleReport,
-    ) -> Vec<(String, u64)> {
+    async fn finish_swept(&self, now_ms: u64, swept: Vec<Swept>, report: &mut ScheduleReport) -> Vec<ToFree> {
         let inner = &self.inner;
         let hold = |slot_id, task_id, backend, lease| SlotTask {
             slot_id,
@@ -1210,7 +1294,11 @@ impl Scheduler {
                         .finish(&slot_id, &task_id, &backend, lease, true, &mut report.errors)
                         .await
                     {
-                        Finished::Free => to_free.push((slot_id.clone(), lease)),
+                        Finished::Free => to_free.push(ToFree {
+                            slot_id: slot_id.clone(),
+                            lease,
+                            task_id: task_id.clone(),
+                        }),
                         Finished::Keep => {}
                         // Kept for its stop_callback only: a reclaim must not run
                         // timeout_callback again (if this fails, it may).
@@ -1246,7 +1334,11 @@ impl Scheduler {
                     // their dedupe key), and the slot is freed whatever they say.
                     self.finish(&slot_id, &task_id, &backend, lease, timed_out, &mut report.errors)
                         .await;
-                    to_free.push((slot_id.clone(), lease));
+                    to_free.push(ToFree {
+                        slot_id: slot_id.clone(),
+                        lease,
+                        task_id: task_id.clone(),
+                    });
                     report.reclaimed.push(hold(slot_id, task_id, backend, lease));
                 }
                 Swept::Corrupt { slot_id, why } => {
@@ -1292,7 +1384,16 @@ impl Scheduler {
                 Err(Error::WrongTaskId(_)) => return Err(not_held(task_id, lease, None)),
                 other => other?,
             };
-            match scripts::keepalive(&inner.redis, &inner.keys, task_id, &slot_id, lease).await? {
+            match scripts::keepalive(
+                &inner.redis,
+                &inner.keys,
+                self.buckets(),
+                task_id,
+                &slot_id,
+                lease,
+            )
+            .await?
+            {
                 Held::Ok(kept) => {
                     if !hinted {
                         self.remember(task_id, &slot_id);
@@ -1319,7 +1420,9 @@ impl Scheduler {
                 }
                 Held::WrongTask => {
                     self.forget(task_id);
-                    return Err(not_held(task_id, lease, None));
+                    if !self.buckets_changed().await? {
+                        return Err(not_held(task_id, lease, None));
+                    }
                 }
                 Held::LeaseLost(current) => return Err(not_held(task_id, lease, Some(current))),
                 Held::Moved(owner) => self.remember(task_id, &owner),
@@ -1352,6 +1455,7 @@ impl Scheduler {
             let released = scripts::release(
                 &inner.redis,
                 &inner.keys,
+                self.buckets(),
                 task_id,
                 &slot_id,
                 reason,
@@ -1369,8 +1473,12 @@ impl Scheduler {
                     {
                         return Ok(None);
                     }
-                    let freed =
-                        scripts::free(&inner.redis, &inner.keys, &[(slot_id.clone(), r.lease)]).await?;
+                    let to_free = ToFree {
+                        slot_id: slot_id.clone(),
+                        lease: r.lease,
+                        task_id: task_id.to_owned(),
+                    };
+                    let freed = scripts::free(&inner.redis, &inner.keys, self.buckets(), &[to_free]).await?;
                     return Ok(freed
                         .first()
                         .copied()
@@ -1382,6 +1490,7 @@ impl Scheduler {
                     slot_id = owner;
                 }
                 Held::LeaseLost(current) => return Err(not_held(task_id, lease, Some(current))),
+                Held::WrongTask if self.buckets_changed().await? => {}
                 Held::WrongTask | Held::Expired => break,
             }
         }

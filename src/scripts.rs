@@ -308,10 +308,12 @@ pub(crate) struct Epoch {
     pub(crate) verdict: EpochVerdict,
     pub(crate) id: String,
     pub(crate) quarantine_until_ms: u64,
+    /// How many buckets the task index has in this epoch.
+    pub(crate) task_buckets: u32,
 }
 
-/// Checks (and creates when missing) the epoch; on a loss, starts the quarantine
-/// and raises the lease counter to `max_lease`.
+/// Checks (and creates when missing, with `new_buckets` task buckets) the epoch; on a
+/// loss, starts the quarantine and raises the lease counter to `max_lease`.
 pub(crate) async fn epoch(
     redis: &Redis,
     keys: &Keys,
@@ -319,17 +321,22 @@ pub(crate) async fn epoch(
     new_id: &str,
     quarantine_ms: u64,
     max_lease: u64,
+    new_buckets: u32,
 ) -> Result<Epoch> {
     let script = &scripts()?.epoch;
     let mut inv = script.call();
     inv.key(&keys.epoch).key(&keys.lease);
-    inv.arg(seen).arg(new_id).arg(quarantine_ms).arg(max_lease);
+    inv.arg(seen)
+        .arg(new_id)
+        .arg(quarantine_ms)
+        .arg(max_lease)
+        .arg(new_buckets);
     let value: Value = redis
         .eval("checking the epoch", &inv)
         .await
         .map_err(|e| corrupt_or(e, &[&keys.epoch, &keys.lease]))?;
     let parsed = array(&value).and_then(|a| match a {
-        [verdict, id, until] => Some(Epoch {
+        [verdict, id, until, buckets] => Some(Epoch {
             verdict: match text(verdict)?.as_str() {
                 "NEW" => EpochVerdict::New,
                 "SAME" => EpochVerdict::Same,
@@ -338,6 +345,7 @@ pub(crate) async fn epoch(
             },
             id: text(id)?,
             quarantine_until_ms: int(until)?,
+            task_buckets: u32::try_from(int(buckets)?).ok()?,
         }),
         _ => None,
     });
@@ -460,17 +468,14 @@ pub(crate) enum Swept {
 pub(crate) async fn sweep(redis: &Redis, keys: &Keys, slot_ids: &[String]) -> Result<(u64, Vec<Swept>)> {
     let script = &scripts()?.sweep;
     let mut inv = script.call();
-    inv.key(&keys.deadlines)
-        .key(&keys.idle)
-        .key(&keys.tasks)
-        .key(&keys.ended);
+    inv.key(&keys.deadlines).key(&keys.idle).key(&keys.ended);
     for id in slot_ids {
         inv.key(keys.slot(id)).arg(id);
     }
     let value: Value = redis
         .eval("sweeping expired slots", &inv)
         .await
-        .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle, &keys.tasks, &keys.ended]))?;
+        .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle, &keys.ended]))?;
     let parse = || -> Option<(u64, Vec<Swept>)> {
         let mut p = Packed::of(&value)?;
         let now = p.int()?;
@@ -547,6 +552,8 @@ pub(crate) enum Claim {
     Quarantine,
     /// The slot's hash is unreadable (why).
     Corrupt(String),
+    /// The task's bucket of the index holds foreign data (why); the task is not claimed.
+    Index(String),
 }
 
 /// Claims slots in one script call, in order. Returns Redis time and one outcome per
@@ -554,20 +561,21 @@ pub(crate) enum Claim {
 pub(crate) async fn claim(
     redis: &Redis,
     keys: &Keys,
+    task_buckets: u32,
     stale_after_ms: u64,
     claims: &[ClaimArgs<'_>],
 ) -> Result<(u64, Vec<Claim>)> {
     let script = &scripts()?.claim;
     let mut inv = script.call();
-    inv.key(&keys.tasks)
-        .key(&keys.deadlines)
+    inv.key(&keys.deadlines)
         .key(&keys.idle)
         .key(&keys.ended)
         .key(&keys.lease)
         .key(&keys.epoch);
-    inv.arg(stale_after_ms);
+    inv.arg(stale_after_ms).arg(task_buckets);
     for c in claims {
         inv.key(keys.slot(c.slot_id))
+            .key(keys.task_bucket(c.task_id, task_buckets))
             .arg(c.slot_id)
             .arg(c.task_id)
             .arg(c.backend)
@@ -577,14 +585,7 @@ pub(crate) async fn claim(
     let value: Value = redis.eval("claiming slots", &inv).await.map_err(|e| {
         corrupt_or(
             e,
-            &[
-                &keys.tasks,
-                &keys.deadlines,
-                &keys.idle,
-                &keys.ended,
-                &keys.lease,
-                &keys.epoch,
-            ],
+            &[&keys.deadlines, &keys.idle, &keys.ended, &keys.lease, &keys.epoch],
         )
     })?;
     let parse = || -> Option<(u64, Vec<Claim>)> {
@@ -600,7 +601,10 @@ pub(crate) async fn claim(
                 "TASK_BUSY" => Claim::TaskBusy,
                 "STALE" => Claim::Stale,
                 "QUARANTINE" => Claim::Quarantine,
-                other => Claim::Corrupt(other.strip_prefix("CORRUPT ")?.to_owned()),
+                other => match other.strip_prefix("INDEX ") {
+                    Some(why) => Claim::Index(why.to_owned()),
+                    None => Claim::Corrupt(other.strip_prefix("CORRUPT ")?.to_owned()),
+                },
             });
         }
         p.is_empty().then_some((now, outcomes))
@@ -647,14 +651,16 @@ fn held<T>(value: &Value, script: &'static str, ok: impl Fn(&[Value]) -> Option<
 pub(crate) async fn keepalive(
     redis: &Redis,
     keys: &Keys,
+    task_buckets: u32,
     task_id: &str,
     slot_id: &str,
     lease: Option<u64>,
 ) -> Result<Held<KeptAlive>> {
     let script = &scripts()?.keepalive;
     let slot_key = keys.slot(slot_id);
+    let bucket = keys.task_bucket(task_id, task_buckets);
     let mut inv = script.call();
-    inv.key(&keys.tasks)
+    inv.key(&bucket)
         .key(&slot_key)
         .key(&keys.deadlines)
         .arg(task_id)
@@ -663,7 +669,7 @@ pub(crate) async fn keepalive(
     let value: Value = redis
         .eval("extending a deadline", &inv)
         .await
-        .map_err(|e| corrupt_or(e, &[&keys.tasks, &slot_key, &keys.deadlines]))?;
+        .map_err(|e| corrupt_or(e, &[&bucket, &slot_key, &keys.deadlines]))?;
     held(&value, "keepalive", |a| {
         Some(KeptAlive {
             lease: int(a.get(2)?)?,
@@ -689,9 +695,11 @@ pub(crate) struct Released {
 }
 
 /// Ends a task's hold on its slot. `lease` (when given) must be the slot's lease.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn release(
     redis: &Redis,
     keys: &Keys,
+    task_buckets: u32,
     task_id: &str,
     slot_id: &str,
     reason: &str,
@@ -700,8 +708,9 @@ pub(crate) async fn release(
 ) -> Result<Held<Released>> {
     let script = &scripts()?.release;
     let slot_key = keys.slot(slot_id);
+    let bucket = keys.task_bucket(task_id, task_buckets);
     let mut inv = script.call();
-    inv.key(&keys.tasks)
+    inv.key(&bucket)
         .key(&slot_key)
         .key(&keys.deadlines)
         .key(&keys.ended)
@@ -715,12 +724,10 @@ pub(crate) async fn release(
         .arg(reason)
         .arg(mode)
         .arg(lease.map(|l| l.to_string()).unwrap_or_default());
-    let value: Value = redis.eval("releasing a slot", &inv).await.map_err(|e| {
-        corrupt_or(
-            e,
-            &[&keys.tasks, &slot_key, &keys.deadlines, &keys.ended, &keys.idle],
-        )
-    })?;
+    let value: Value = redis
+        .eval("releasing a slot", &inv)
+        .await
+        .map_err(|e| corrupt_or(e, &[&bucket, &slot_key, &keys.deadlines, &keys.ended, &keys.idle]))?;
     held(&value, "release", |a| {
         Some(Released {
             now_ms: int(a.get(1)?)?,
@@ -732,19 +739,35 @@ pub(crate) async fn release(
 
 // ---------------------------------------------------------------- free.lua
 
-/// Makes stopping slots idle once their callbacks returned; `(slot id, lease)` pairs.
-/// Returns, per slot, whether it was freed (false: someone reclaimed it first).
-pub(crate) async fn free(redis: &Redis, keys: &Keys, slots: &[(String, u64)]) -> Result<Vec<bool>> {
+/// A stopping slot to free: its id, and the lease and task that stopped in it.
+pub(crate) struct ToFree {
+    pub(crate) slot_id: String,
+    pub(crate) lease: u64,
+    pub(crate) task_id: String,
+}
+
+/// Makes stopping slots idle once their callbacks returned. Returns, per slot, whether
+/// it was freed (false: someone reclaimed it first).
+pub(crate) async fn free(
+    redis: &Redis,
+    keys: &Keys,
+    task_buckets: u32,
+    slots: &[ToFree],
+) -> Result<Vec<bool>> {
     let script = &scripts()?.free;
     let mut inv = script.call();
-    inv.key(&keys.deadlines).key(&keys.idle).key(&keys.tasks);
-    for (slot_id, lease) in slots {
-        inv.key(keys.slot(slot_id)).arg(slot_id).arg(lease);
+    inv.key(&keys.deadlines).key(&keys.idle);
+    for f in slots {
+        inv.key(keys.slot(&f.slot_id))
+            .key(keys.task_bucket(&f.task_id, task_buckets))
+            .arg(&f.slot_id)
+            .arg(f.lease)
+            .arg(&f.task_id);
     }
     let value: Value = redis
         .eval("freeing slots", &inv)
         .await
-        .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle, &keys.tasks]))?;
+        .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle]))?;
     let flags = match &value {
         Value::BulkString(b) if b.len() == slots.len() => b
             .iter()

@@ -245,3 +245,35 @@ async fn a_late_detector_does_not_restart_the_quarantine() {
     );
     assert!(rc.started.iter().any(|t| t.task_id == "c2"), "{rc:?}");
 }
+
+#[tokio::test]
+/// A replica that only serves keepalive and stop (it never ticks) follows a new
+/// epoch's task buckets: after a loss, a replica with more slots recreates the state
+/// with more buckets, and the old replica still finds the tasks it starts.
+async fn a_replica_that_never_ticks_follows_new_task_buckets() {
+    let name = unique_name("buckets");
+    let fake = Fake::with_tasks("Jobs", ["a"]);
+    let api_only = builder(&name, &fake, 1, Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(api_only.task_index_key("x"), key(&name, "tasks:0"));
+
+    lose_state(&name).await;
+    let tasks: Vec<String> = (0..64).map(|i| format!("t{i}")).collect();
+    let big = Fake::with_tasks("Jobs", tasks.clone());
+    let ticker = builder(&name, &big, 64, Duration::from_secs(60))
+        .quarantine_on_data_loss(false)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(ticker.schedule().await.unwrap().started.len(), 64);
+    let moved = tasks
+        .iter()
+        .find(|t| ticker.task_index_key(t) == key(&name, "tasks:1"))
+        .expect("a task in the second bucket");
+    api_only.keepalive(moved).await.unwrap();
+    assert_eq!(api_only.task_index_key(moved), key(&name, "tasks:1"));
+    api_only.stop(moved).await.unwrap();
+    assert!(ticker.keepalive(moved).await.is_err(), "{moved} was stopped");
+}

@@ -362,7 +362,7 @@ async fn odd_task_ids_live_a_whole_life_intact() {
             .unwrap();
         assert_eq!(stored, id.as_bytes());
         let owner: String = redis::cmd("HGET")
-            .arg(key(&name, "tasks"))
+            .arg(s2.task_index_key(id))
             .arg(id)
             .query_async(&mut conn)
             .await
@@ -605,43 +605,70 @@ async fn corrupt_idle_slot_is_never_handed_out() {
 }
 
 #[tokio::test]
-/// A foreign task index: keepalive, stop and a sweeping tick are CorruptState naming it; no key changes.
-async fn corrupt_task_index_is_corrupt_state() {
+/// A foreign bucket of the task index: keepalive and stop of its tasks are CorruptState naming it, writing nothing; a claim of a task in it is refused with an error naming it; the sweep frees a slot whose task is in it; tasks of other buckets work.
+async fn corrupt_task_bucket_is_corrupt_state_for_its_tasks_only() {
     let name = unique_name("corrupttasks");
     let url = common::redis_url();
-    let fake = Fake::with_tasks("Jobs", ["a", "b", "c"]);
-    let short = Duration::from_millis(300);
-    let s = three_slots(&name, &fake, short).build().await.unwrap();
-    assert_eq!(s.schedule().await.unwrap().started.len(), 3);
-    let tasks_key = key(&name, "tasks");
+    // 64 slots: two buckets. Slot 64 (the last task started) times out soon.
+    let short = Duration::from_millis(400);
+    let tasks: Vec<String> = (0..64).map(|i| format!("t{i}")).collect();
+    let fake = Fake::with_tasks("Jobs", tasks.clone());
+    let make = || {
+        let mut b = builder(&name, &fake, 63, LONG);
+        b = b.slot(SlotConfig::new("64", ["Jobs"]).timeout(short));
+        b
+    };
+    let s = make().build().await.unwrap();
+    assert_eq!(s.schedule().await.unwrap().started.len(), 64);
+    let bucket = s.task_index_key("t63");
+    let (inside, outside): (Vec<&String>, Vec<&String>) =
+        tasks.iter().partition(|t| s.task_index_key(t) == bucket);
+    assert!(!outside.is_empty(), "every task in one bucket: {bucket}");
     let mut conn = raw(&url).await;
-    replace_with_string(&mut conn, &tasks_key).await;
-    let s2 = three_slots(&name, &fake, short).build().await.unwrap();
+    replace_with_string(&mut conn, &bucket).await;
+    let s2 = make().build().await.unwrap();
     let before = snapshot(&mut conn, &name).await;
 
     for (replica, which) in [(&s, "hinted"), (&s2, "fresh")] {
-        assert_corrupt(
-            replica.keepalive("a").await,
-            &tasks_key,
-            &format!("{which} keepalive"),
-        );
-        assert_corrupt(replica.stop("a").await, &tasks_key, &format!("{which} stop"));
-        assert_corrupt(
-            replica.keepalive("nope").await,
-            &tasks_key,
-            &format!("{which} unknown"),
-        );
-        assert_corrupt(
-            replica.stop("nope").await,
-            &tasks_key,
-            &format!("{which} unknown"),
-        );
+        let a = inside[0].as_str();
+        assert_corrupt(replica.keepalive(a).await, &bucket, &format!("{which} keepalive"));
+        assert_corrupt(replica.stop(a).await, &bucket, &format!("{which} stop"));
     }
-    // Slot 2 is due: the sweep needs the index, and refuses.
-    tokio::time::sleep(short + Duration::from_millis(100)).await;
-    assert_corrupt(s.schedule().await, &tasks_key, "schedule");
     assert_eq!(snapshot(&mut conn, &name).await, before, "a key changed");
-    assert_eq!(fake.ledger().events.len(), 3, "only the three starts");
+    // Tasks of the other bucket are untouched.
+    s2.keepalive(outside[0]).await.unwrap();
+
+    // Slot 64's task (t63, in the foreign bucket) times out: its callbacks run and the
+    // slot is freed, the bucket left as it is. The next task cannot take the slot while
+    // its own bucket is foreign: an error names the bucket, and the slot stays idle.
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    let next = (0..)
+        .map(|i| format!("n{i}"))
+        .find(|t| s.task_index_key(t) == bucket)
+        .unwrap();
+    fake.push([next.clone()]);
+    let report = s.schedule().await.unwrap();
+    assert_eq!(report.timed_out.len(), 1, "{report:?}");
+    assert!(report.started.is_empty(), "{report:?}");
+    let named: Vec<_> = report
+        .errors
+        .iter()
+        .filter(|e| e.stage == Stage::Redis && e.task_id.as_deref() == Some(next.as_str()))
+        .collect();
+    assert_eq!(named.len(), 1, "{:?}", report.errors);
+    assert!(named[0].message.contains(&bucket), "{}", named[0].message);
+    let idle = holders(&s).await;
+    assert_eq!(idle["64"], None);
+    let ledger = fake.ledger();
+    assert!(ledger.events.contains(&("timeout".into(), "t63".into())));
+    assert!(ledger.events.contains(&("stop".into(), "t63".into())));
+    drop(ledger);
+    let kept: String = redis::cmd("GET")
+        .arg(&bucket)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kept, "foreign data");
 }
 
 #[tokio::test]
@@ -731,7 +758,7 @@ async fn corrupt_lease_counter_refuses_claims() {
 /// schedule() returns CorruptState naming a corrupt shared key read by the claim, as documented.
 async fn corrupt_shared_key_in_claim_is_an_error_of_schedule() {
     let url = common::redis_url();
-    for which in ["tasks", "lease"] {
+    for which in ["epoch", "lease"] {
         let name = unique_name("sharedclaim");
         let fake = Fake::with_tasks("Jobs", ["a"]);
         let s = builder(&name, &fake, 2, LONG).build().await.unwrap();
@@ -1278,6 +1305,47 @@ async fn a_tick_on_a_corrupt_epoch_writes_nothing() {
         .await
         .unwrap();
     assert_eq!(n, 1, "the tick wrote before it failed");
+}
+
+#[tokio::test]
+/// An epoch whose task_buckets is missing, not a power of two or too large is corrupt:
+/// a replica's build() names the epoch (it would not know where tasks are indexed),
+/// and a claim of a replica that knew a valid count is refused.
+async fn an_epoch_with_bad_task_buckets_is_corrupt() {
+    for bad in [None, Some("3"), Some("0"), Some("131072"), Some("x")] {
+        let name = unique_name("epochbuckets");
+        let fake = Fake::with_tasks("Jobs", ["a"]);
+        let s = builder(&name, &fake, 2, LONG).build().await.unwrap();
+        let mut conn = raw(&common::redis_url()).await;
+        let epoch = key(&name, "epoch");
+        let _: () = match bad {
+            Some(v) => {
+                redis::cmd("HSET")
+                    .arg(&epoch)
+                    .arg("task_buckets")
+                    .arg(v)
+                    .query_async(&mut conn)
+                    .await
+            }
+            None => {
+                redis::cmd("HDEL")
+                    .arg(&epoch)
+                    .arg("task_buckets")
+                    .query_async(&mut conn)
+                    .await
+            }
+        }
+        .unwrap();
+        assert_corrupt(
+            builder(&name, &fake, 2, LONG).build().await,
+            &epoch,
+            &format!("{bad:?}"),
+        );
+        fake.push(["b"]);
+        let report = s.schedule().await;
+        assert!(report.is_err(), "{bad:?}: {report:?}");
+        assert_eq!(holders(&s).await["2"], None, "{bad:?}");
+    }
 }
 
 #[tokio::test]

@@ -324,8 +324,10 @@ async fn slot_hash_is_readable_as_documented() {
     let deadline: u64 = h["due"].parse().unwrap();
     let started: u64 = h["start"].parse().unwrap();
     assert_eq!(deadline - started, 90_000);
+    // One slot: the task index has one bucket, `tasks:0`.
+    assert_eq!(s.task_index_key("task:{1} é"), key(&name, "tasks:0"));
     let owner: String = redis::cmd("HGET")
-        .arg(key(&name, "tasks"))
+        .arg(key(&name, "tasks:0"))
         .arg("task:{1} é")
         .query_async(&mut r)
         .await

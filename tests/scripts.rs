@@ -63,6 +63,11 @@ fn texts(v: &Value) -> Vec<String> {
     }
 }
 
+/// The task index's one bucket: a scheduler of 2 slots has one (`task_buckets` 1).
+fn bucket(name: &str) -> String {
+    key(name, "tasks:0")
+}
+
 /// Slots "1" and "2" of a fresh scheduler, with "a" busy in slot 1 (timeout 1 h).
 async fn setup(
     test: &str,
@@ -106,11 +111,12 @@ async fn try_claim_one(
 ) -> redis::RedisResult<Value> {
     let claim = script("claim.lua");
     let mut inv = claim.prepare_invoke();
-    for k in ["tasks", "deadlines", "idle", "ended", "lease", "epoch"] {
+    for k in ["deadlines", "idle", "ended", "lease", "epoch"] {
         inv.key(key(name, k));
     }
-    inv.key(key(name, &format!("slot:{slot_id}")));
+    inv.key(key(name, &format!("slot:{slot_id}"))).key(bucket(name));
     inv.arg(60_000)
+        .arg(1)
         .arg(slot_id)
         .arg(task)
         .arg("Jobs")
@@ -164,7 +170,7 @@ async fn claim_with_a_foreign_deadlines_or_idle_writes_nothing() {
         assert_eq!(deadlines_after, deadlines_before, "{which}: deadlines changed");
         assert_eq!(slot(&mut conn, &name, "2").await, slot_before, "{which}");
         let owner: Option<String> = redis::cmd("HGET")
-            .arg(key(&name, "tasks"))
+            .arg(bucket(&name))
             .arg("b")
             .query_async(&mut conn)
             .await
@@ -210,7 +216,6 @@ async fn sweep_leaves_slots_that_are_not_due() {
     let mut inv = sweep.prepare_invoke();
     inv.key(key(&name, "deadlines"))
         .key(key(&name, "idle"))
-        .key(key(&name, "tasks"))
         .key(key(&name, "ended"))
         .key(key(&name, "slot:1"))
         .arg("1");
@@ -231,7 +236,7 @@ async fn free_checks_the_lease() {
     // Stop "a" but keep the slot stopping, as during its callbacks.
     let release = script("release.lua");
     let mut inv = release.prepare_invoke();
-    inv.key(key(&name, "tasks"))
+    inv.key(bucket(&name))
         .key(key(&name, "slot:1"))
         .key(key(&name, "deadlines"))
         .key(key(&name, "ended"))
@@ -248,18 +253,66 @@ async fn free_checks_the_lease() {
         let mut inv = free.prepare_invoke();
         inv.key(key(&name, "deadlines"))
             .key(key(&name, "idle"))
-            .key(key(&name, "tasks"))
-            .key(key(&name, "slot:1"));
-        inv.arg("1").arg(lease);
+            .key(key(&name, "slot:1"))
+            .key(bucket(&name));
+        inv.arg("1").arg(lease).arg("a");
         inv
     };
     let wrong = (lease.parse::<u64>().unwrap() + 1).to_string();
     let out: String = call(wrong).invoke_async(&mut conn).await.unwrap();
     assert_eq!(out, "0");
     assert_eq!(state(&slot(&mut conn, &name, "1").await), "stopping");
+    let owner: Option<String> = redis::cmd("HGET")
+        .arg(bucket(&name))
+        .arg("a")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(owner.as_deref(), Some("1"), "the index keeps a stopping task");
     let out: String = call(lease).invoke_async(&mut conn).await.unwrap();
     assert_eq!(out, "1");
     assert_eq!(state(&slot(&mut conn, &name, "1").await), "idle");
+    let owner: Option<String> = redis::cmd("HGET")
+        .arg(bucket(&name))
+        .arg("a")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(owner, None, "free drops the index entry");
+}
+
+#[tokio::test]
+/// claim.lua refuses a caller whose task_buckets is not the epoch's (it would write
+/// the index where other replicas do not look), before any write.
+async fn claim_refuses_other_task_buckets() {
+    let (name, mut conn, _s) = setup("claimbuckets").await;
+    let before = slot(&mut conn, &name, "2").await;
+    let claim = script("claim.lua");
+    let mut inv = claim.prepare_invoke();
+    for k in ["deadlines", "idle", "ended", "lease", "epoch"] {
+        inv.key(key(&name, k));
+    }
+    inv.key(key(&name, "slot:2")).key(key(&name, "tasks:1"));
+    let now = now_ms(&mut conn).await;
+    inv.arg(60_000)
+        .arg(2)
+        .arg("2")
+        .arg("b")
+        .arg("Jobs")
+        .arg(1000)
+        .arg(now);
+    let err = inv
+        .invoke_async::<Value>(&mut conn)
+        .await
+        .expect_err("task_buckets 2 against the epoch's 1");
+    assert!(err.to_string().contains("task_buckets is 1, not 2"), "{err}");
+    assert_eq!(slot(&mut conn, &name, "2").await, before);
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(key(&name, "tasks:1"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!exists);
 }
 
 #[tokio::test]
@@ -269,7 +322,7 @@ async fn keepalive_and_release_follow_the_index() {
     for file in ["keepalive.lua", "release.lua"] {
         let source = script(file);
         let mut inv = source.prepare_invoke();
-        inv.key(key(&name, "tasks"))
+        inv.key(bucket(&name))
             .key(key(&name, "slot:2"))
             .key(key(&name, "deadlines"));
         if file == "release.lua" {

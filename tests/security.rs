@@ -542,7 +542,7 @@ async fn acl_read_only_operator_inspects_and_cannot_write() {
         .await
         .unwrap();
     let at: Option<String> = redis::cmd("HGET")
-        .arg(key(&name, "tasks"))
+        .arg(s.task_index_key("job-a"))
         .arg("job-a")
         .query_async(&mut op)
         .await
@@ -568,7 +568,7 @@ async fn acl_read_only_operator_inspects_and_cannot_write() {
                 .arg("other")
                 .clone(),
         ),
-        ("DEL", redis::cmd("DEL").arg(key(&name, "tasks")).clone()),
+        ("DEL", redis::cmd("DEL").arg(s.task_index_key("job-a")).clone()),
         ("SET", redis::cmd("SET").arg(key(&name, "lease")).arg(0).clone()),
         ("EVAL", redis::cmd("EVAL").arg("return 1").arg(0).clone()),
         (

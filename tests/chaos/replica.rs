@@ -208,7 +208,7 @@ impl Chaos {
     /// slot is ours until `start_callback` returns, so the read is not racy); `None`
     /// if Redis does not answer.
     async fn hold_of(&self, task_id: &str) -> Option<(String, u64)> {
-        let tasks = format!("task_semaphore:{{{}}}:tasks", self.name);
+        let tasks = self.scheduler.get()?.task_index_key(task_id);
         let slot: Option<String> = self
             .state
             .query(redis::cmd("HGET").arg(tasks).arg(task_id))
