@@ -659,10 +659,11 @@ async fn corrupt_task_bucket_is_corrupt_state_for_its_tasks_only() {
     assert!(named[0].message.contains(&bucket), "{}", named[0].message);
     let idle = holders(&s).await;
     assert_eq!(idle["64"], None);
-    let ledger = fake.ledger();
-    assert!(ledger.events.contains(&("timeout".into(), "t63".into())));
-    assert!(ledger.events.contains(&("stop".into(), "t63".into())));
-    drop(ledger);
+    {
+        let ledger = fake.ledger();
+        assert!(ledger.events.contains(&("timeout".into(), "t63".into())));
+        assert!(ledger.events.contains(&("stop".into(), "t63".into())));
+    }
     let kept: String = redis::cmd("GET")
         .arg(&bucket)
         .query_async(&mut conn)
