@@ -9,7 +9,8 @@
 # counts after every EVALSHA, names each dump's script from the SLOWLOG (on for every
 # command: its bookkeeping adds a few percent to every count alike), and prints, per
 # script: calls, total instructions, and instructions per call and per slot (a slot is
-# a KEYS entry beyond the script's fixed keys).
+# the KEYS beyond the script's fixed keys:
+# one slot hash, and for claim and free its task bucket).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 args=("$@")
@@ -56,8 +57,10 @@ python3 - "$dir" <<'EOF'
 import os, re, sys
 d = sys.argv[1]
 names = dict(l.split() for l in open(f"{d}/names"))
-# Fixed KEYS of each script; the rest are slot keys.
-fixed = {"claim": 6, "sweep": 4, "free": 3, "register": 2, "tick": 4, "keepalive": 3, "release": 5, "epoch": 2, "timeout_done": 1}
+# Fixed KEYS of each script; the rest are slot keys (claim and free: a slot hash and
+# a task bucket per slot).
+fixed = {"claim": 5, "sweep": 3, "free": 2, "register": 2, "tick": 4, "keepalive": 3, "release": 5, "epoch": 2, "timeout_done": 1}
+per_slot_keys = {"claim": 2, "free": 2}
 calls = [l.split() for l in open(f"{d}/calls") if l.strip()]
 dumps = sorted((int(m.group(1)), f) for f in os.listdir(d) if (m := re.fullmatch(r"cg\.out\.(\d+)", f)))
 if len(dumps) != len(calls):
@@ -71,7 +74,7 @@ for (_, f), (_, sha, numkeys) in zip(dumps, calls):
     r = rows.setdefault(name, [0, 0, 0])
     r[0] += 1
     r[1] += int(m.group(1)) if m else 0
-    r[2] += max(int(numkeys) - fixed.get(name, 0), 0)
+    r[2] += max(int(numkeys) - fixed.get(name, 0), 0) // per_slot_keys.get(name, 1)
 print(f"{'script':<10} {'calls':>6} {'instructions':>14} {'per call':>10} {'slots':>7} {'per slot':>9}")
 for name, (n, ir, slots) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
     per_slot = f"{ir // slots:,}" if slots else "-"

@@ -375,6 +375,8 @@ struct Fleet {
     base: String,
     /// The task running in each slot, index i for slot i+1.
     current: Vec<Arc<Mutex<String>>>,
+    /// The epoch's `task_buckets`, which claim.lua checks.
+    buckets: u32,
 }
 
 impl Fleet {
@@ -398,10 +400,22 @@ impl Fleet {
             ));
         }
         let base = scheduler.key_pattern().trim_end_matches('*').to_owned();
+        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        let buckets: u32 = redis::cmd("HGET")
+            .arg(format!("{base}epoch"))
+            .arg("task_buckets")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| format!("reading task_buckets: {e}"))?;
         Ok(Fleet {
             scheduler,
             base,
             current,
+            buckets,
         })
     }
 
@@ -530,7 +544,7 @@ impl Targets {
         let task = fleet.task(i);
         let slot_id = (i + 1).to_string();
         let mut call = self.keepalive_lua.prepare_invoke();
-        call.key(fleet.key("tasks"))
+        call.key(fleet.scheduler.task_index_key(&task))
             .key(fleet.key(&format!("slot:{slot_id}")))
             .key(fleet.key("deadlines"))
             .arg(&task)
@@ -553,8 +567,9 @@ impl Targets {
         let mut conn = self.conn.clone();
 
         let mut release = self.release_lua.prepare_invoke();
+        let bucket = fleet.scheduler.task_index_key(&task);
         release
-            .key(fleet.key("tasks"))
+            .key(&bucket)
             .key(&slot_key)
             .key(fleet.key("deadlines"))
             .key(fleet.key("ended"))
@@ -575,10 +590,11 @@ impl Targets {
         let mut free = self.free_lua.prepare_invoke();
         free.key(fleet.key("deadlines"))
             .key(fleet.key("idle"))
-            .key(fleet.key("tasks"))
             .key(&slot_key)
+            .key(&bucket)
             .arg(&slot_id)
-            .arg(&lease);
+            .arg(&lease)
+            .arg(&task);
         let freed: String = free
             .invoke_async(&mut conn)
             .await
@@ -590,14 +606,15 @@ impl Targets {
         let new_task = format!("raw-{}", self.next_raw.fetch_add(1, Ordering::Relaxed));
         let mut claim = self.claim_lua.prepare_invoke();
         claim
-            .key(fleet.key("tasks"))
             .key(fleet.key("deadlines"))
             .key(fleet.key("idle"))
             .key(fleet.key("ended"))
             .key(fleet.key("lease"))
             .key(fleet.key("epoch"))
             .key(&slot_key)
+            .key(fleet.scheduler.task_index_key(&new_task))
             .arg(STALE_AFTER_MS)
+            .arg(fleet.buckets)
             .arg(&slot_id)
             .arg(&new_task)
             .arg(&backend)
