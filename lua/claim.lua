@@ -1,16 +1,18 @@
 -- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[3] ended zset  KEYS[4] lease counter
--- KEYS[5] epoch hash  KEYS[4+2i] slot hash of claim i  KEYS[5+2i] task bucket of claim i
+-- KEYS[5] epoch hash  KEYS[3+3i] slot hash of claim i  KEYS[4+3i] task bucket of claim i
+-- KEYS[5+3i] the slot's group of the deadline index
 -- ARGV[1] stale_after_ms: how old a poll may be
--- ARGV[2] task_buckets the caller computed the buckets with (the epoch's)
--- ARGV[3+5(i-1) ..] claim i: slot id, task id, backend, timeout ms,
---   polled_at_ms (Redis time of a reply received before the poll began)
+-- ARGV[2] task_buckets the caller computed buckets and groups with (the epoch's)
+-- ARGV[3+6(i-1) ..] claim i: slot id, task id, backend, timeout ms,
+--   polled_at_ms (Redis time of a reply received before the poll began), group id
 -- Returns  a packed reply (see `put` in common.lua): now_ms, then status_i and lease_i
 --   of each claim; lease is "0" unless OK.
 -- Status per claim, taken in order (a task id given twice is TASK_BUSY the 2nd time):
 --   OK, SLOT_BUSY, TASK_BUSY, STALE, QUARANTINE, "CORRUPT <why>" for an unreadable
 --   slot hash, or "INDEX <why>" for a task bucket of another type (that claim only). A
 --   foreign shared key aborts the whole call, before any write, with error
---   "CORRUPT <key> ...", and a task_buckets other than the epoch's with error
+--   "CORRUPT <key> ..." (a group of another type too), and a task_buckets other than
+--   the epoch's with error
 --   "ERR claim: task_buckets ...".
 -- A task's index entry is its claim's first write (HSETNX, which also finds a task
 -- that holds a slot already): every other check comes before it.
@@ -22,8 +24,8 @@
 local deadlines_key, idle_key, ended_key, lease_key, epoch_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local stale_after = strict_int(ARGV[1])
-local n = (#KEYS - 5) / 2
-if stale_after == nil or n % 1 ~= 0 or #ARGV ~= 2 + 5 * n then
+local n = (#KEYS - 5) / 3
+if stale_after == nil or n % 1 ~= 0 or #ARGV ~= 2 + 6 * n then
   return redis.error_reply('ERR claim: bad arguments')
 end
 -- Timeouts and poll times repeat across a batch: each distinct string parsed once.
@@ -38,18 +40,28 @@ local function int_arg(v)
 end
 local claims = {}
 for i = 1, n do
-  local a = 2 + 5 * (i - 1)
-  local c = {slot_key = KEYS[4 + 2 * i], bucket_key = KEYS[5 + 2 * i], slot_id = ARGV[a + 1], task_id = ARGV[a + 2],
-    backend = ARGV[a + 3], timeout_s = ARGV[a + 4], timeout = int_arg(ARGV[a + 4]),
-    polled_at = int_arg(ARGV[a + 5]), state = false, why = false}  -- sized once
+  local a = 2 + 6 * (i - 1)
+  local c = {slot_key = KEYS[3 + 3 * i], bucket_key = KEYS[4 + 3 * i], group_key = KEYS[5 + 3 * i],
+    slot_id = ARGV[a + 1], task_id = ARGV[a + 2], backend = ARGV[a + 3], timeout_s = ARGV[a + 4],
+    timeout = int_arg(ARGV[a + 4]), polled_at = int_arg(ARGV[a + 5]), group = ARGV[a + 6],
+    state = false, why = false}  -- sized once
   if c.timeout == nil or c.polled_at == nil or c.task_id == '' then
     return redis.error_reply('ERR claim: bad arguments')
   end
   claims[i] = c
 end
--- The keys the claims read are type-checked by those reads; the others here.
+-- The keys the claims read are type-checked by those reads; the others here (each
+-- group once).
 check_type(deadlines_key, 'zset')
 check_type(idle_key, 'set')
+local group_seen = {}
+for i = 1, n do
+  local g = claims[i].group_key
+  if not group_seen[g] then
+    group_seen[g] = true
+    check_type(g, 'hash')
+  end
+end
 local epoch = read_checked('hash', 'HMGET', epoch_key, 'quarantine_until_ms', 'task_buckets')
 local quarantine = strict_int(epoch[1] or '0')
 if quarantine == nil then
@@ -99,7 +111,9 @@ if not last_lease then
   lease = now * 100
 end
 local first_lease = lease
-local not_idle, new_deadlines, reused = {}, {}, {}
+local not_idle, reused = {}, {}
+-- The earliest new deadline of each group: its bound in `deadlines` is lowered to it.
+local bound, groups = {}, {}
 local deadline_of = {}
 for i = 1, n do
   local c = claims[i]
@@ -143,8 +157,14 @@ for i = 1, n do
     redis.call('HSET', c.slot_key, 'task', c.task_id, 'backend', c.backend, 'lease', lease_s,
       'start', now_s, 'due', deadline, 'timeout', c.timeout_s)
     taken[c.slot_key] = true
-    new_deadlines[#new_deadlines + 1] = deadline
-    new_deadlines[#new_deadlines + 1] = c.slot_id
+    redis.call('HSET', c.group_key, c.slot_id, deadline)
+    local b = bound[c.group]
+    if b == nil then
+      groups[#groups + 1] = c.group
+      bound[c.group] = deadline
+    elseif tonumber(deadline) < tonumber(b) then
+      bound[c.group] = deadline
+    end
     not_idle[#not_idle + 1] = c.slot_id
     if ended[i] then
       -- A task that ended before (re-queued) is no longer "recently ended".
@@ -156,7 +176,12 @@ for i = 1, n do
 end
 if lease ~= first_lease then
   redis.call('SET', lease_key, int_s(lease))
-  redis.call('ZADD', deadlines_key, unpack(new_deadlines))
+  local lower = {}
+  for _, g in ipairs(groups) do
+    lower[#lower + 1] = bound[g]
+    lower[#lower + 1] = g
+  end
+  redis.call('ZADD', deadlines_key, 'LT', unpack(lower))
   if #reused > 0 then
     redis.call('ZREM', ended_key, unpack(reused))
   end

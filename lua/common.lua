@@ -153,17 +153,19 @@ local function read_slot(key)
   return s
 end
 
--- Clears a slot's holder, so it is idle (the caller updates idle and deadlines): it
+-- Clears a slot's holder, so it is idle (the caller updates idle and its group): it
 -- drops every holder field and keeps its config.
 local function clear_holder(slot_key)
   redis.call('HDEL', slot_key, 'task', 'backend', 'lease', 'start', 'due', 'stopping', 'reclaim')
 end
 
--- Makes a slot idle: clears the holder, queues it in the idle set, drops its deadline.
-local function make_idle(slot_key, slot_id, idle_key, deadlines_key)
+-- Makes a slot idle: clears the holder, queues it in the idle set, drops its time from
+-- its group (the group's bound in `deadlines` may stay lower: a bound only has to be
+-- no later than the times of its group).
+local function make_idle(slot_key, slot_id, idle_key, group_key)
   clear_holder(slot_key)
   redis.call('SADD', idle_key, slot_id)
-  redis.call('ZREM', deadlines_key, slot_id)
+  redis.call('HDEL', group_key, slot_id)
 end
 
 -- Finds the slot that holds `task_id` through its bucket of the task index, and checks the

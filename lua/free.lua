@@ -1,5 +1,5 @@
--- KEYS[1] deadlines zset  KEYS[2] idle set
--- KEYS[1+2i] slot hash i  KEYS[2+2i] task bucket of the task that stopped in slot i
+-- KEYS[1] idle set  KEYS[3i-1] slot hash i  KEYS[3i] task bucket of the task that stopped
+-- in slot i  KEYS[3i+1] the slot's group of the deadline index
 -- ARGV[3i-2] slot id i  ARGV[3i-1] lease that stopped in slot i  ARGV[3i] its task id
 -- Returns  a string of n characters: "1" when slot i was stopping with that lease and
 -- is idle now; "0" when it was not (a sweep reclaimed it first, or it is corrupt). One
@@ -7,10 +7,10 @@
 -- Called once the stop/timeout callbacks of the lease have returned. The task leaves
 -- the index here, not at its stop or timeout: until its callbacks returned, no claim
 -- takes it again (in this slot or another). A bucket of another type is left alone
--- (the slot is freed all the same): the claims of its tasks report it.
-check_type(KEYS[1], 'zset')
-check_type(KEYS[2], 'set')
-local n = (#KEYS - 2) / 2
+-- (the slot is freed all the same): the claims of its tasks report it; so is a foreign
+-- group (the sweep reports it).
+check_type(KEYS[1], 'set')
+local n = (#KEYS - 1) / 3
 if n % 1 ~= 0 or #ARGV ~= 3 * n then
   return redis.error_reply('ERR free: bad arguments')
 end
@@ -19,11 +19,11 @@ end
 -- only where it still names the slot freed: everything is read before any write.
 local freeing, gone = {}, {}
 for i = 1, n do
-  local r = redis.pcall('HMGET', KEYS[1 + 2 * i], 'stopping', 'lease', 'task')
+  local r = redis.pcall('HMGET', KEYS[3 * i - 1], 'stopping', 'lease', 'task')
   if not r.err and r[1] and r[2] == ARGV[3 * i - 1] then
     freeing[i] = true
     local task = ARGV[3 * i]
-    if r[3] == task and redis.pcall('HGET', KEYS[2 + 2 * i], task) == ARGV[3 * i - 2] then
+    if r[3] == task and redis.pcall('HGET', KEYS[3 * i], task) == ARGV[3 * i - 2] then
       gone[i] = true
     end
   end
@@ -31,10 +31,12 @@ end
 local out, freed = {}, {}
 for i = 1, n do
   if freeing[i] then
-    clear_holder(KEYS[1 + 2 * i])
+    clear_holder(KEYS[3 * i - 1])
     if gone[i] then
-      redis.call('HDEL', KEYS[2 + 2 * i], ARGV[3 * i])
+      redis.call('HDEL', KEYS[3 * i], ARGV[3 * i])
     end
+    -- Its group's bound in `deadlines` may stay lower: the next sweep settles it.
+    redis.pcall('HDEL', KEYS[3 * i + 1], ARGV[3 * i - 2])
     freed[#freed + 1] = ARGV[3 * i - 2]
     out[i] = '1'
   else
@@ -42,7 +44,6 @@ for i = 1, n do
   end
 end
 if #freed > 0 then
-  redis.call('SADD', KEYS[2], unpack(freed))
-  redis.call('ZREM', KEYS[1], unpack(freed))
+  redis.call('SADD', KEYS[1], unpack(freed))
 end
 return table.concat(out)

@@ -1,5 +1,5 @@
 -- KEYS[1] task bucket (the index hash of the task)  KEYS[2] slot hash
--- KEYS[3] deadlines zset
+-- KEYS[3] the slot's group of the deadline index (a hash slot id -> ms)
 -- ARGV[1] task id  ARGV[2] slot id the caller believes holds it
 -- ARGV[3] lease the caller holds, or "" for whichever lease holds the task
 -- Returns  {"OK", now_ms, lease, due, backend} | {"WRONG_TASK"}
@@ -8,10 +8,10 @@
 -- Pushes the deadline (`due`) to now + the slot's timeout. A task whose deadline has passed
 -- is not revived: the next sweep times it out. With a lease, a newer hold of the same
 -- task id is never extended.
-local bucket_key, slot_key, deadlines_key = KEYS[1], KEYS[2], KEYS[3]
+local bucket_key, slot_key, group_key = KEYS[1], KEYS[2], KEYS[3]
 local task_id, slot_id, want_lease = ARGV[1], ARGV[2], ARGV[3]
 check_type(bucket_key, 'hash')
-check_type(deadlines_key, 'zset')
+check_type(group_key, 'hash')
 local s, refusal = slot_of_task(bucket_key, slot_key, task_id, slot_id)
 if s == nil then
   return refusal
@@ -26,5 +26,6 @@ end
 local deadline = now + s.timeout
 local deadline_s = int_s(deadline)
 redis.call('HSET', slot_key, 'due', deadline_s)
-redis.call('ZADD', deadlines_key, deadline_s, slot_id)
+-- A later deadline: the group's bound in `deadlines` stays a bound.
+redis.call('HSET', group_key, slot_id, deadline_s)
 return {'OK', now, s.lease, deadline, s.backend}

@@ -1,5 +1,7 @@
 -- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[3] ended zset
--- KEYS[3+i] slot hash i   -- ARGV[i] slot id i
+-- KEYS[3+i] slot hash i (i = 1..n)  KEYS[3+n+j] group hash j of the deadline index
+-- ARGV[1] n  ARGV[2i] slot id i  ARGV[2i+1] which group (1..m) slot i is in
+-- ARGV[2n+1+j] the id of group j (its member in `deadlines`)
 -- Returns  a packed reply (see `put` in common.lua): now_ms, then one record per slot,
 --   in order: "T" task backend lease (timed out), "R" task backend lease reason
 --   (reclaimed), "C" why (corrupt), or "-" (not due: left alone).
@@ -9,10 +11,18 @@
 -- `reclaim` (its callbacks never finished) is handed to this caller in the same
 -- way: it stays stopping with a new `reclaim` while the caller runs the callbacks
 -- again (at least once), then frees it.
--- The task index is not touched here: free.lua drops the task.
+-- Then it settles each group's bound in `deadlines` to the earliest time left in the
+-- group (none left: the group leaves `deadlines`). A group may hold due slots that
+-- this call was not given (another chunk's, or a slot another replica's config has):
+-- they keep its bound, so the group stays due until they are swept.
 check_type(KEYS[1], 'zset')
 check_type(KEYS[2], 'set')
 check_type(KEYS[3], 'zset')
+local n = strict_int(ARGV[1])
+if n == nil or #KEYS < 3 + n or #ARGV ~= 1 + 2 * n + (#KEYS - 3 - n) then
+  return redis.error_reply('ERR sweep: bad arguments')
+end
+local m = #KEYS - 3 - n
 local now = now_ms()
 local now_s = int_s(now)
 -- now + timeout as a string, formatted once per distinct timeout.
@@ -26,30 +36,53 @@ local function reclaim_at(timeout)
   return r
 end
 
-local n = #KEYS - 3
-local slots, reasons = {}, {}
+-- Every group's times (slot id -> ms), read and checked before any write.
+local times = {}
+for j = 1, m do
+  local key = KEYS[3 + n + j]
+  local flat = read_checked('hash', 'HGETALL', key)
+  local t = {}
+  for k = 1, #flat, 2 do
+    local v = strict_int(flat[k + 1])
+    if v == nil then
+      corrupt(key, 'has a bad time for slot ' .. flat[k])
+    end
+    t[flat[k]] = v
+  end
+  times[j] = t
+end
+local slots, reasons, group_of = {}, {}, {}
 for i = 1, n do
   slots[i], reasons[i] = read_slot(KEYS[3 + i])
+  group_of[i] = strict_int(ARGV[2 * i + 1])
+  if group_of[i] == nil or group_of[i] < 1 or group_of[i] > m then
+    return redis.error_reply('ERR sweep: bad arguments')
+  end
 end
 
--- Writes to the shared keys are gathered and sent once at the end.
-local stale_deadlines, new_deadlines, ended = {}, {}, {}
+local ended = {}
 local out = {}
 put(out, now_s)
 for i = 1, n do
-  local key, id, s = KEYS[3 + i], ARGV[i], slots[i]
+  local key, id, s = KEYS[3 + i], ARGV[2 * i], slots[i]
+  local j = group_of[i]
+  local group_key, t = KEYS[3 + n + j], times[j]
   if reasons[i] then
+    -- Left as it is, its time too (so its group stays due, and it is reported again).
     put(out, 'C')
     put(out, reasons[i])
   elseif s.state == 'idle' then
-    -- A stale deadline of an idle slot (a hand edit, or a lost reply): drop it.
-    stale_deadlines[#stale_deadlines + 1] = id
+    -- A stale time of an idle slot (a hand edit, or a lost reply): drop it.
+    if t[id] then
+      redis.call('HDEL', group_key, id)
+      t[id] = nil
+    end
     put(out, '-')
   elseif s.state == 'busy' and s.due <= now then
     local reclaim = reclaim_at(s.timeout)
     redis.call('HSET', key, 'stopping', 'timeout', 'reclaim', reclaim)
-    new_deadlines[#new_deadlines + 1] = reclaim
-    new_deadlines[#new_deadlines + 1] = id
+    redis.call('HSET', group_key, id, reclaim)
+    t[id] = tonumber(reclaim)
     ended[#ended + 1] = now_s
     ended[#ended + 1] = s.task
     put(out, 'T')
@@ -59,22 +92,45 @@ for i = 1, n do
   elseif s.state == 'stopping' and s.reclaim <= now then
     local reclaim = reclaim_at(s.timeout)
     redis.call('HSET', key, 'reclaim', reclaim)
-    new_deadlines[#new_deadlines + 1] = reclaim
-    new_deadlines[#new_deadlines + 1] = id
+    redis.call('HSET', group_key, id, reclaim)
+    t[id] = tonumber(reclaim)
     put(out, 'R')
     put(out, s.task)
     put(out, s.backend)
     put(out, s.lease_s)
     put(out, s.stopping)
   else
+    -- Not due (a keepalive came first): its group's time is the slot's own.
+    local at = s.state == 'busy' and s.due or s.reclaim
+    if t[id] ~= at then
+      redis.call('HSET', group_key, id, int_s(at))
+      t[id] = at
+    end
     put(out, '-')
   end
 end
-if #stale_deadlines > 0 then
-  redis.call('ZREM', KEYS[1], unpack(stale_deadlines))
+-- Each group's bound: the earliest time left in it.
+local bounds, empty = {}, {}
+for j = 1, m do
+  local low
+  for _, v in pairs(times[j]) do
+    if low == nil or v < low then
+      low = v
+    end
+  end
+  local g = ARGV[2 * n + 1 + j]
+  if low then
+    bounds[#bounds + 1] = int_s(low)
+    bounds[#bounds + 1] = g
+  else
+    empty[#empty + 1] = g
+  end
 end
-if #new_deadlines > 0 then
-  redis.call('ZADD', KEYS[1], unpack(new_deadlines))
+if #bounds > 0 then
+  redis.call('ZADD', KEYS[1], unpack(bounds))
+end
+if #empty > 0 then
+  redis.call('ZREM', KEYS[1], unpack(empty))
 end
 if #ended > 0 then
   redis.call('ZADD', KEYS[3], unpack(ended))

@@ -1,13 +1,14 @@
 -- KEYS[1] deadlines zset  KEYS[2] idle set  KEYS[3] ended zset  KEYS[4] epoch hash
--- ARGV[1] most due slots to return  ARGV[2] how long ended tasks are remembered (ms)
+-- ARGV[1] most due groups to return  ARGV[2] how long ended tasks are remembered (ms)
 -- ARGV[3] "1" to list the idle slots, "0" not to (a later call of the same sweep)
 -- ARGV[4] most idle slots to list here: a larger idle set is only counted, and the
 --   caller pages through it with SSCAN (listing 100,000 members in a script blocks
 --   Redis for tens of milliseconds)
 -- Returns  a packed reply (see `put` in common.lua): now_ms, epoch id or "",
---   quarantine_until_ms, idle count, the number of due slots, the due slot ids, then
+--   quarantine_until_ms, idle count, the number of due groups, the due group ids, then
 --   the idle slot ids (none for "0", or when the count is over ARGV[4])
--- The one call of a steady tick: what is due for the sweep and which slots are idle.
+-- The one call of a steady tick: which groups of the deadline index are due (their
+-- bound, no later than any time in the group, has passed) and which slots are idle.
 -- Its only write forgets ended tasks older than ARGV[2].
 check_type(KEYS[1], 'zset')
 check_type(KEYS[2], 'set')

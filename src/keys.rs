@@ -10,7 +10,8 @@ pub(crate) struct Keys {
     base: String,
     /// SET of the ids of idle slots.
     pub(crate) idle: String,
-    /// ZSET slot id -> deadline (busy) or reclaim time (stopping), in ms.
+    /// ZSET group id -> a bound (ms) no later than any time in that group of the
+    /// deadline index (see [`Keys::group`]).
     pub(crate) deadlines: String,
     /// ZSET task id -> time it ended, in ms, for recently ended tasks.
     pub(crate) ended: String,
@@ -44,6 +45,19 @@ impl Keys {
         format!("{}tasks:{}", self.base, bucket_of(task_id, buckets))
     }
 
+    /// The group of the deadline index that holds `slot_id`'s time, out of `buckets`
+    /// (the epoch's `task_buckets`): its id (the member in `deadlines`) and its key, a
+    /// HASH slot id -> deadline (busy) or reclaim time (stopping), in ms.
+    pub(crate) fn group(&self, slot_id: &str, buckets: u32) -> (u64, String) {
+        let id = bucket_of(slot_id, buckets);
+        (id, self.group_key(id))
+    }
+
+    /// The key of group `id` of the deadline index.
+    pub(crate) fn group_key(&self, id: u64) -> String {
+        format!("{}due:{id}", self.base)
+    }
+
     /// The glob pattern matching every slot hash (there is no registry of slots: the
     /// hashes are it).
     pub(crate) fn slot_pattern(&self) -> String {
@@ -61,8 +75,9 @@ impl Keys {
     }
 }
 
-/// The bucket of the task index that holds `task_id`: FNV-1a (64 bits) of its bytes,
-/// modulo `buckets` (a power of two). Every replica, and every version of the crate,
+/// The bucket of the task index that holds `task_id` (or the group of the deadline
+/// index that holds a slot id): FNV-1a (64 bits) of its bytes, modulo `buckets` (a
+/// power of two). Every replica, and every version of the crate,
 /// must compute the same bucket: the README documents this function.
 pub(crate) fn bucket_of(task_id: &str, buckets: u32) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -103,6 +118,7 @@ mod tests {
             assert!(key.starts_with("task_semaphore:{jobs}:"), "{key}");
         }
         assert_eq!(k.slot("eu-2"), "task_semaphore:{jobs}:slot:eu-2");
+        assert_eq!(k.group("eu-2", 1), (0, "task_semaphore:{jobs}:due:0".to_owned()));
         assert_eq!(k.pattern(), "task_semaphore:{jobs}:*");
         assert_eq!(k.slot_pattern(), "task_semaphore:{jobs}:slot:*");
         assert_eq!(k.slot_id_of(&k.slot("a:b*")), Some("a:b*"));

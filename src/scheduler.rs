@@ -16,7 +16,9 @@ use crate::connection::{self, Redis};
 use crate::error::{Error, Result};
 use crate::keys::{self, Keys};
 use crate::report::{Inspection, ScheduleReport, SlotTask, Stage, TickError};
-use crate::scripts::{self, Claim, ClaimArgs, EpochVerdict, Held, RegisterSlot, ReleaseMode, Swept, ToFree};
+use crate::scripts::{
+    self, Claim, ClaimArgs, EpochVerdict, Held, RegisterSlot, ReleaseMode, SweepChunk, Swept, ToFree,
+};
 use crate::slot::{from_ms, strict_u64, SlotState, SlotStatus};
 
 /// The longest task id accepted, in bytes (64 KiB).
@@ -565,7 +567,7 @@ impl Scheduler {
                     timeout_ms: s.config.timeout_ms(),
                 })
                 .collect();
-            let statuses = scripts::register(&inner.redis, &inner.keys, &args).await?;
+            let statuses = scripts::register(&inner.redis, &inner.keys, self.buckets(), &args).await?;
             for (slot, status) in chunk.iter().zip(statuses) {
                 if let Some(why) = status.strip_prefix("corrupt ") {
                     tracing::error!(
@@ -1213,7 +1215,7 @@ impl Scheduler {
             // Pipelined: the sweep call of the next chunk runs in Redis while the
             // callbacks of this one run here. (If this chunk's free fails, the next
             // chunk's slots wait for their reclaim, as after a crash.)
-            let chunks: Vec<&[String]> = tick.due.chunks(SWEEP_CHUNK).collect();
+            let chunks = self.sweep_chunks(&tick.due, tick.now_ms).await?;
             let mut swept = match chunks.first() {
                 Some(first) => Some(scripts::sweep(&inner.redis, &inner.keys, first).await?),
                 None => None,
@@ -1265,6 +1267,64 @@ impl Scheduler {
             .fill(idle.into_iter().collect(), &mut clock, &mut report)
             .await?;
         Ok(report)
+    }
+
+    /// The due slots of the due groups of the deadline index (one pipeline of
+    /// `HGETALL`s), in sweep calls of about [`SWEEP_CHUNK`] slots, each call with the
+    /// groups of its slots. A group with no due slot left (its bound was stale: a
+    /// keepalive or a free came since) goes in a call too, which settles its bound.
+    async fn sweep_chunks(&self, due_groups: &[String], now_ms: u64) -> Result<Vec<SweepChunk>> {
+        let inner = &self.inner;
+        if due_groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut groups = Vec::with_capacity(due_groups.len());
+        for g in due_groups {
+            groups.push(strict_u64(g).ok_or_else(|| Error::CorruptState {
+                key: inner.keys.deadlines.clone(),
+                detail: format!("has a member {g:?} that is not a group number"),
+            })?);
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for g in &groups {
+            pipe.hgetall(inner.keys.group_key(*g));
+        }
+        let replies: Vec<redis::RedisResult<Value>> =
+            inner.redis.pipeline("reading due groups", &pipe).await?;
+        let mut chunks = vec![SweepChunk::default()];
+        for (g, reply) in groups.into_iter().zip(replies) {
+            let key = || inner.keys.group_key(g);
+            let entries: Vec<(Vec<u8>, Vec<u8>)> = reply
+                .ok()
+                .and_then(|v| redis::from_redis_value(v).ok())
+                .ok_or_else(|| Error::CorruptState {
+                key: key(),
+                detail: "is not a hash".into(),
+            })?;
+            let Some(chunk) = chunks.last_mut() else {
+                break;
+            };
+            let index = chunk.groups.len();
+            chunk.groups.push(g);
+            for (slot, at) in entries {
+                // A time that is not a number is the script's to report (naming the group).
+                let due = std::str::from_utf8(&at)
+                    .ok()
+                    .and_then(strict_u64)
+                    .is_none_or(|at| at <= now_ms);
+                if due {
+                    chunk
+                        .slots
+                        .push((scripts::utf8_in(&key(), "a field", &slot)?, index));
+                }
+            }
+            if chunk.slots.len() >= SWEEP_CHUNK {
+                chunks.push(SweepChunk::default());
+            }
+        }
+        chunks.retain(|c| !c.groups.is_empty());
+        Ok(chunks)
     }
 
     /// Runs the callbacks of what one sweep call took (`timeout_callback` then

@@ -270,20 +270,29 @@ pub(crate) struct RegisterSlot<'a> {
 
 /// Creates missing slots, refreshes config fields. Returns one status per slot:
 /// `created`, `ok`, or `corrupt <why>`.
-pub(crate) async fn register(redis: &Redis, keys: &Keys, slots: &[RegisterSlot<'_>]) -> Result<Vec<String>> {
+pub(crate) async fn register(
+    redis: &Redis,
+    keys: &Keys,
+    buckets: u32,
+    slots: &[RegisterSlot<'_>],
+) -> Result<Vec<String>> {
     let script = &scripts()?.register;
     let mut inv = script.call();
     inv.key(&keys.idle).key(&keys.deadlines);
     let slot_keys: Vec<String> = slots.iter().map(|s| keys.slot(s.slot_id)).collect();
-    for (slot, key) in slots.iter().zip(&slot_keys) {
+    let groups: Vec<(u64, String)> = slots.iter().map(|s| keys.group(s.slot_id, buckets)).collect();
+    for ((slot, key), (group, group_key)) in slots.iter().zip(&slot_keys).zip(&groups) {
         inv.key(key)
+            .key(group_key)
             .arg(slot.slot_id)
             .arg(slot.backends_json)
-            .arg(slot.timeout_ms);
+            .arg(slot.timeout_ms)
+            .arg(group);
     }
     let value: Value = redis.eval("registering slots", &inv).await.map_err(|e| {
         let mut all = vec![keys.idle.as_str(), &keys.deadlines];
         all.extend(slot_keys.iter().map(String::as_str));
+        all.extend(groups.iter().map(|(_, k)| k.as_str()));
         corrupt_or(e, &all)
     })?;
     texts(&value)
@@ -465,22 +474,37 @@ pub(crate) enum Swept {
     Corrupt { slot_id: String, why: String },
 }
 
-pub(crate) async fn sweep(redis: &Redis, keys: &Keys, slot_ids: &[String]) -> Result<(u64, Vec<Swept>)> {
+/// One sweep call's work: due groups of the deadline index, and their due slots.
+#[derive(Debug, Default)]
+pub(crate) struct SweepChunk {
+    /// Group ids, each settled by the call (its bound set to its earliest time).
+    pub(crate) groups: Vec<u64>,
+    /// Due slots: the slot id, and its group's index in `groups`.
+    pub(crate) slots: Vec<(String, usize)>,
+}
+
+pub(crate) async fn sweep(redis: &Redis, keys: &Keys, chunk: &SweepChunk) -> Result<(u64, Vec<Swept>)> {
     let script = &scripts()?.sweep;
     let mut inv = script.call();
     inv.key(&keys.deadlines).key(&keys.idle).key(&keys.ended);
-    for id in slot_ids {
-        inv.key(keys.slot(id)).arg(id);
+    inv.arg(chunk.slots.len());
+    for (id, group) in &chunk.slots {
+        inv.key(keys.slot(id)).arg(id).arg(group + 1);
     }
-    let value: Value = redis
-        .eval("sweeping expired slots", &inv)
-        .await
-        .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle, &keys.ended]))?;
+    let group_keys: Vec<String> = chunk.groups.iter().map(|g| keys.group_key(*g)).collect();
+    for (key, id) in group_keys.iter().zip(&chunk.groups) {
+        inv.key(key).arg(id);
+    }
+    let value: Value = redis.eval("sweeping expired slots", &inv).await.map_err(|e| {
+        let mut all = vec![keys.deadlines.as_str(), &keys.idle, &keys.ended];
+        all.extend(group_keys.iter().map(String::as_str));
+        corrupt_or(e, &all)
+    })?;
     let parse = || -> Option<(u64, Vec<Swept>)> {
         let mut p = Packed::of(&value)?;
         let now = p.int()?;
-        let mut swept = Vec::with_capacity(slot_ids.len());
-        for id in slot_ids {
+        let mut swept = Vec::with_capacity(chunk.slots.len());
+        for (id, _) in &chunk.slots {
             match p.str()? {
                 "-" => {}
                 "C" => swept.push(Swept::Corrupt {
@@ -573,20 +597,30 @@ pub(crate) async fn claim(
         .key(&keys.lease)
         .key(&keys.epoch);
     inv.arg(stale_after_ms).arg(task_buckets);
+    let mut group_keys = Vec::with_capacity(claims.len());
     for c in claims {
+        let (group, group_key) = keys.group(c.slot_id, task_buckets);
         inv.key(keys.slot(c.slot_id))
             .key(keys.task_bucket(c.task_id, task_buckets))
+            .key(&group_key)
             .arg(c.slot_id)
             .arg(c.task_id)
             .arg(c.backend)
             .arg(c.timeout_ms)
-            .arg(c.polled_at_ms);
+            .arg(c.polled_at_ms)
+            .arg(group);
+        group_keys.push(group_key);
     }
     let value: Value = redis.eval("claiming slots", &inv).await.map_err(|e| {
-        corrupt_or(
-            e,
-            &[&keys.deadlines, &keys.idle, &keys.ended, &keys.lease, &keys.epoch],
-        )
+        let mut all = vec![
+            keys.deadlines.as_str(),
+            &keys.idle,
+            &keys.ended,
+            &keys.lease,
+            &keys.epoch,
+        ];
+        all.extend(group_keys.iter().map(String::as_str));
+        corrupt_or(e, &all)
     })?;
     let parse = || -> Option<(u64, Vec<Claim>)> {
         let mut p = Packed::of(&value)?;
@@ -659,17 +693,18 @@ pub(crate) async fn keepalive(
     let script = &scripts()?.keepalive;
     let slot_key = keys.slot(slot_id);
     let bucket = keys.task_bucket(task_id, task_buckets);
+    let (_, group_key) = keys.group(slot_id, task_buckets);
     let mut inv = script.call();
     inv.key(&bucket)
         .key(&slot_key)
-        .key(&keys.deadlines)
+        .key(&group_key)
         .arg(task_id)
         .arg(slot_id)
         .arg(lease.map(|l| l.to_string()).unwrap_or_default());
     let value: Value = redis
         .eval("extending a deadline", &inv)
         .await
-        .map_err(|e| corrupt_or(e, &[&bucket, &slot_key, &keys.deadlines]))?;
+        .map_err(|e| corrupt_or(e, &[&bucket, &slot_key, &group_key]))?;
     held(&value, "keepalive", |a| {
         Some(KeptAlive {
             lease: int(a.get(2)?)?,
@@ -709,10 +744,11 @@ pub(crate) async fn release(
     let script = &scripts()?.release;
     let slot_key = keys.slot(slot_id);
     let bucket = keys.task_bucket(task_id, task_buckets);
+    let (_, group_key) = keys.group(slot_id, task_buckets);
     let mut inv = script.call();
     inv.key(&bucket)
         .key(&slot_key)
-        .key(&keys.deadlines)
+        .key(&group_key)
         .key(&keys.ended)
         .key(&keys.idle);
     let mode = match mode {
@@ -727,7 +763,7 @@ pub(crate) async fn release(
     let value: Value = redis
         .eval("releasing a slot", &inv)
         .await
-        .map_err(|e| corrupt_or(e, &[&bucket, &slot_key, &keys.deadlines, &keys.ended, &keys.idle]))?;
+        .map_err(|e| corrupt_or(e, &[&bucket, &slot_key, &group_key, &keys.ended, &keys.idle]))?;
     held(&value, "release", |a| {
         Some(Released {
             now_ms: int(a.get(1)?)?,
@@ -756,10 +792,11 @@ pub(crate) async fn free(
 ) -> Result<Vec<bool>> {
     let script = &scripts()?.free;
     let mut inv = script.call();
-    inv.key(&keys.deadlines).key(&keys.idle);
+    inv.key(&keys.idle);
     for f in slots {
         inv.key(keys.slot(&f.slot_id))
             .key(keys.task_bucket(&f.task_id, task_buckets))
+            .key(keys.group(&f.slot_id, task_buckets).1)
             .arg(&f.slot_id)
             .arg(f.lease)
             .arg(&f.task_id);
@@ -767,7 +804,7 @@ pub(crate) async fn free(
     let value: Value = redis
         .eval("freeing slots", &inv)
         .await
-        .map_err(|e| corrupt_or(e, &[&keys.deadlines, &keys.idle]))?;
+        .map_err(|e| corrupt_or(e, &[&keys.idle]))?;
     let flags = match &value {
         Value::BulkString(b) if b.len() == slots.len() => b
             .iter()

@@ -190,11 +190,15 @@ async fn commands_per_operation_with_1000_slots() {
     assert_eq!(total(&stop_empty), 2, "{stop_empty:?}"); // release, free
                                                          // TIME, GET lease, HMGET epoch, N x HGETALL: one round trip.
     assert_eq!(total(&inspect), 3 + N as u64, "{inspect:?}");
-    // tick + 10 sweep chunks + 10 free chunks (100 slots each) + N claims.
-    assert_eq!(total(&sweep), 1 + 10 + 10 + N as u64, "{sweep:?}");
+    // tick + 1 pipeline of HGETALLs of the 32 due groups of the deadline index (1,000
+    // slots in 32 groups) + 9 sweep chunks (whole groups, at least 100 slots each) +
+    // 9 free chunks + N claims.
+    assert_eq!(sweep.get("hgetall"), Some(&32), "{sweep:?}");
+    assert_eq!(total(&sweep), 1 + 32 + 9 + 9 + N as u64, "{sweep:?}");
     // 1 tick + 5 claim chunks; the refill after a sweep the same.
     assert_eq!(total(&fill_batch), 1 + 5, "{fill_batch:?}");
-    // tick + 10 sweep chunks + 10 free chunks + 5 claim chunks (200 slots each).
-    assert_eq!(total(&sweep_batch), 1 + 10 + 10 + 5, "{sweep_batch:?}");
+    // tick + 32 HGETALLs + 9 sweep chunks + 9 free chunks + 5 claim chunks (200 slots
+    // each).
+    assert_eq!(total(&sweep_batch), 1 + 32 + 9 + 9 + 5, "{sweep_batch:?}");
     drop(server);
 }

@@ -673,10 +673,11 @@ async fn corrupt_task_bucket_is_corrupt_state_for_its_tasks_only() {
 }
 
 #[tokio::test]
-/// Foreign deadlines/idle/ended keys make schedule() CorruptState naming the key, writing nothing.
+/// Foreign deadlines/idle/ended keys, or a foreign group of the deadline index, make schedule() CorruptState naming the key, writing nothing (and keepalive and stop, for the group of their slot).
 async fn corrupt_tick_keys_are_corrupt_state() {
     let url = common::redis_url();
-    for which in ["deadlines", "idle", "ended"] {
+    // Two slots: the deadline index has one group, `due:0`.
+    for which in ["deadlines", "idle", "ended", "due:0"] {
         let name = unique_name("corrupttick");
         let fake = Fake::with_tasks("Jobs", ["a"]);
         let s = builder(&name, &fake, 2, LONG).build().await.unwrap();
@@ -688,7 +689,7 @@ async fn corrupt_tick_keys_are_corrupt_state() {
         let before = snapshot(&mut conn, &name).await;
         fake.push(["b"]);
         assert_corrupt(s.schedule().await, &k, which);
-        if which == "deadlines" {
+        if which == "due:0" {
             assert_corrupt(s.keepalive("a").await, &k, "keepalive");
             assert_corrupt(s.stop("a").await, &k, "stop");
         }

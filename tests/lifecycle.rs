@@ -333,9 +333,18 @@ async fn slot_hash_is_readable_as_documented() {
         .await
         .unwrap();
     assert_eq!(owner, "1");
+    // One slot: the deadline index has one group, `due:0`, and its bound in
+    // `deadlines` is the slot's deadline.
+    let at: u64 = redis::cmd("HGET")
+        .arg(key(&name, "due:0"))
+        .arg("1")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(at, deadline);
     let score: u64 = redis::cmd("ZSCORE")
         .arg(key(&name, "deadlines"))
-        .arg("1")
+        .arg("0")
         .query_async(&mut r)
         .await
         .unwrap();
@@ -467,4 +476,56 @@ async fn a_kept_timeout_reruns_only_stop_callback() {
         "timeout_callback must run once"
     );
     assert_eq!(s.inspect().await.unwrap().slots[0].status, SlotStatus::Idle);
+}
+
+#[tokio::test]
+/// A keepalive moves the slot's time in its group of the deadline index, not the
+/// group's bound in `deadlines`: when that stale bound passes, a tick finds nothing
+/// due (no callback runs) and settles the bound to the slot's deadline.
+async fn a_stale_group_bound_is_settled_without_callbacks() {
+    let name = unique_name("settle");
+    let fake = Fake::with_tasks("Jobs", ["a"]);
+    let s = builder(&name, &fake, 1, Duration::from_millis(400))
+        .build()
+        .await
+        .unwrap();
+    s.schedule().await.unwrap();
+    let mut r = raw(&common::redis_url()).await;
+    let bound = |r: &mut redis::aio::MultiplexedConnection| {
+        let mut r = r.clone();
+        let name = name.clone();
+        async move {
+            let b: Option<u64> = redis::cmd("ZSCORE")
+                .arg(key(&name, "deadlines"))
+                .arg("0")
+                .query_async(&mut r)
+                .await
+                .unwrap();
+            b
+        }
+    };
+    let first = bound(&mut r).await.unwrap();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        s.keepalive("a").await.unwrap();
+    }
+    assert_eq!(
+        bound(&mut r).await,
+        Some(first),
+        "a keepalive left the bound alone"
+    );
+    let report = s.schedule().await.unwrap();
+    assert!(report.timed_out.is_empty(), "{report:?}");
+    assert_eq!(
+        fake.ledger().events_of("a"),
+        ["start", "keepalive", "keepalive", "keepalive", "keepalive"]
+    );
+    let due: u64 = redis::cmd("HGET")
+        .arg(key(&name, "slot:1"))
+        .arg("due")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(bound(&mut r).await, Some(due), "the tick settled the bound");
+    assert!(due > first);
 }

@@ -68,6 +68,11 @@ fn bucket(name: &str) -> String {
     key(name, "tasks:0")
 }
 
+/// The deadline index's one group, for the same reason.
+fn group(name: &str) -> String {
+    key(name, "due:0")
+}
+
 /// Slots "1" and "2" of a fresh scheduler, with "a" busy in slot 1 (timeout 1 h).
 async fn setup(
     test: &str,
@@ -114,14 +119,17 @@ async fn try_claim_one(
     for k in ["deadlines", "idle", "ended", "lease", "epoch"] {
         inv.key(key(name, k));
     }
-    inv.key(key(name, &format!("slot:{slot_id}"))).key(bucket(name));
+    inv.key(key(name, &format!("slot:{slot_id}")))
+        .key(bucket(name))
+        .key(group(name));
     inv.arg(60_000)
         .arg(1)
         .arg(slot_id)
         .arg(task)
         .arg("Jobs")
         .arg(1000)
-        .arg(polled_at_ms);
+        .arg(polled_at_ms)
+        .arg(0);
     inv.invoke_async(conn).await
 }
 
@@ -218,7 +226,11 @@ async fn sweep_leaves_slots_that_are_not_due() {
         .key(key(&name, "idle"))
         .key(key(&name, "ended"))
         .key(key(&name, "slot:1"))
-        .arg("1");
+        .key(group(&name))
+        .arg(1)
+        .arg("1")
+        .arg(1)
+        .arg(0);
     let out: Value = inv.invoke_async(&mut conn).await.unwrap();
     assert_eq!(
         texts(&out)[1..],
@@ -238,7 +250,7 @@ async fn free_checks_the_lease() {
     let mut inv = release.prepare_invoke();
     inv.key(bucket(&name))
         .key(key(&name, "slot:1"))
-        .key(key(&name, "deadlines"))
+        .key(group(&name))
         .key(key(&name, "ended"))
         .key(key(&name, "idle"))
         .arg("a")
@@ -251,10 +263,10 @@ async fn free_checks_the_lease() {
     let free = script("free.lua");
     let call = |lease: String| {
         let mut inv = free.prepare_invoke();
-        inv.key(key(&name, "deadlines"))
-            .key(key(&name, "idle"))
+        inv.key(key(&name, "idle"))
             .key(key(&name, "slot:1"))
-            .key(bucket(&name));
+            .key(bucket(&name))
+            .key(group(&name));
         inv.arg("1").arg(lease).arg("a");
         inv
     };
@@ -292,7 +304,9 @@ async fn claim_refuses_other_task_buckets() {
     for k in ["deadlines", "idle", "ended", "lease", "epoch"] {
         inv.key(key(&name, k));
     }
-    inv.key(key(&name, "slot:2")).key(key(&name, "tasks:1"));
+    inv.key(key(&name, "slot:2"))
+        .key(key(&name, "tasks:1"))
+        .key(key(&name, "due:1"));
     let now = now_ms(&mut conn).await;
     inv.arg(60_000)
         .arg(2)
@@ -300,7 +314,8 @@ async fn claim_refuses_other_task_buckets() {
         .arg("b")
         .arg("Jobs")
         .arg(1000)
-        .arg(now);
+        .arg(now)
+        .arg(1);
     let err = inv
         .invoke_async::<Value>(&mut conn)
         .await
@@ -322,9 +337,7 @@ async fn keepalive_and_release_follow_the_index() {
     for file in ["keepalive.lua", "release.lua"] {
         let source = script(file);
         let mut inv = source.prepare_invoke();
-        inv.key(bucket(&name))
-            .key(key(&name, "slot:2"))
-            .key(key(&name, "deadlines"));
+        inv.key(bucket(&name)).key(key(&name, "slot:2")).key(group(&name));
         if file == "release.lua" {
             inv.key(key(&name, "ended")).key(key(&name, "idle"));
         }
