@@ -28,7 +28,7 @@ for i = 1, n do
     end
   end
 end
-local out, freed = {}, {}
+local out, freed, drops, drop_keys = {}, {}, {}, {}
 for i = 1, n do
   if freeing[i] then
     clear_holder(KEYS[3 * i - 1])
@@ -36,12 +36,20 @@ for i = 1, n do
       redis.call('HDEL', KEYS[3 * i], ARGV[3 * i])
     end
     -- Its group's bound in `deadlines` may stay lower: the next sweep settles it.
-    redis.pcall('HDEL', KEYS[3 * i + 1], ARGV[3 * i - 2])
+    local g = KEYS[3 * i + 1]
+    if not drops[g] then
+      drops[g] = {}
+      drop_keys[#drop_keys + 1] = g
+    end
+    table.insert(drops[g], ARGV[3 * i - 2])
     freed[#freed + 1] = ARGV[3 * i - 2]
     out[i] = '1'
   else
     out[i] = '0'
   end
+end
+for _, g in ipairs(drop_keys) do
+  redis.pcall('HDEL', g, unpack(drops[g]))
 end
 if #freed > 0 then
   redis.call('SADD', KEYS[1], unpack(freed))

@@ -60,13 +60,25 @@ for i = 1, n do
   end
 end
 
+-- Group writes are gathered per group and sent once each at the end.
+local set_in, drop_in = {}, {}
+local function set_time(j, id, at)
+  local w = set_in[j]
+  if not w then
+    w = {}
+    set_in[j] = w
+  end
+  w[#w + 1] = id
+  w[#w + 1] = at
+  times[j][id] = tonumber(at)
+end
 local ended = {}
 local out = {}
 put(out, now_s)
 for i = 1, n do
   local key, id, s = KEYS[3 + i], ARGV[2 * i], slots[i]
   local j = group_of[i]
-  local group_key, t = KEYS[3 + n + j], times[j]
+  local t = times[j]
   if reasons[i] then
     -- Left as it is, its time too (so its group stays due, and it is reported again).
     put(out, 'C')
@@ -74,15 +86,16 @@ for i = 1, n do
   elseif s.state == 'idle' then
     -- A stale time of an idle slot (a hand edit, or a lost reply): drop it.
     if t[id] then
-      redis.call('HDEL', group_key, id)
+      local d = drop_in[j] or {}
+      drop_in[j] = d
+      d[#d + 1] = id
       t[id] = nil
     end
     put(out, '-')
   elseif s.state == 'busy' and s.due <= now then
     local reclaim = reclaim_at(s.timeout)
     redis.call('HSET', key, 'stopping', 'timeout', 'reclaim', reclaim)
-    redis.call('HSET', group_key, id, reclaim)
-    t[id] = tonumber(reclaim)
+    set_time(j, id, reclaim)
     ended[#ended + 1] = now_s
     ended[#ended + 1] = s.task
     put(out, 'T')
@@ -92,8 +105,7 @@ for i = 1, n do
   elseif s.state == 'stopping' and s.reclaim <= now then
     local reclaim = reclaim_at(s.timeout)
     redis.call('HSET', key, 'reclaim', reclaim)
-    redis.call('HSET', group_key, id, reclaim)
-    t[id] = tonumber(reclaim)
+    set_time(j, id, reclaim)
     put(out, 'R')
     put(out, s.task)
     put(out, s.backend)
@@ -103,15 +115,20 @@ for i = 1, n do
     -- Not due (a keepalive came first): its group's time is the slot's own.
     local at = s.state == 'busy' and s.due or s.reclaim
     if t[id] ~= at then
-      redis.call('HSET', group_key, id, int_s(at))
-      t[id] = at
+      set_time(j, id, int_s(at))
     end
     put(out, '-')
   end
 end
--- Each group's bound: the earliest time left in it.
+-- Each group's writes, then its bound: the earliest time left in it.
 local bounds, empty = {}, {}
 for j = 1, m do
+  if set_in[j] then
+    redis.call('HSET', KEYS[3 + n + j], unpack(set_in[j]))
+  end
+  if drop_in[j] then
+    redis.call('HDEL', KEYS[3 + n + j], unpack(drop_in[j]))
+  end
   local low
   for _, v in pairs(times[j]) do
     if low == nil or v < low then

@@ -525,6 +525,14 @@ impl Scheduler {
         self.inner.keys.task_bucket(task_id, self.buckets())
     }
 
+    /// The key of the deadline index's group that holds `slot_id`'s time: a HASH slot
+    /// id → deadline (busy) or reclaim time (stopping), in ms, read by `redis-cli HGET
+    /// <key> <slot id>`. The group's id, the key's last part, is its member in
+    /// `deadlines` (see the README, "Redis keys").
+    pub fn deadline_group_key(&self, slot_id: &str) -> String {
+        self.inner.keys.group(slot_id, self.buckets()).1
+    }
+
     /// The task index's bucket count this replica uses.
     fn buckets(&self) -> u32 {
         self.inner.task_buckets.load(Ordering::Relaxed)
