@@ -10,7 +10,7 @@
 # command: its bookkeeping adds a few percent to every count alike), and prints, per
 # script: calls, total instructions, and instructions per call and per slot (a slot is
 # the KEYS beyond the script's fixed keys:
-# one slot hash, and for claim and free its task bucket).
+# see `per_slot_keys` below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 args=("$@")
@@ -57,10 +57,11 @@ python3 - "$dir" <<'EOF'
 import os, re, sys
 d = sys.argv[1]
 names = dict(l.split() for l in open(f"{d}/names"))
-# Fixed KEYS of each script; the rest are slot keys (claim and free: a slot hash and
-# a task bucket per slot).
-fixed = {"claim": 5, "sweep": 3, "free": 2, "register": 2, "tick": 4, "keepalive": 3, "release": 5, "epoch": 2, "timeout_done": 1}
-per_slot_keys = {"claim": 2, "free": 2}
+# Fixed KEYS of each script; the rest are per slot: claim and free a slot hash, a task
+# bucket and a deadline group, register a slot hash and a group; sweep a slot hash per
+# due slot plus one key per due group (counted as slots here: a few percent more).
+fixed = {"claim": 5, "sweep": 3, "free": 1, "register": 2, "tick": 4, "keepalive": 3, "release": 5, "epoch": 2, "timeout_done": 1}
+per_slot_keys = {"claim": 3, "free": 3, "register": 2}
 calls = [l.split() for l in open(f"{d}/calls") if l.strip()]
 dumps = sorted((int(m.group(1)), f) for f in os.listdir(d) if (m := re.fullmatch(r"cg\.out\.(\d+)", f)))
 if len(dumps) != len(calls):
