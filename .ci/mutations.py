@@ -34,6 +34,10 @@ M = [
  ("M28 a kept timeout forgets its timeout_callback ran", "lua/timeout_done.lua", "redis.call('HSET', KEYS[1], 'stopping', 'timeout_done')", "redis.call('HSET', KEYS[1], 'stopping', 'timeout')"),
  ("M29 a stopped task leaves the index before its callbacks", "lua/release.lua", "  -- The index keeps the task until free.lua: no claim takes it again meanwhile.\n", "  redis.call('HDEL', bucket_key, task_id)\n"),
  ("M30 claim ignores the epoch's task_buckets", "lua/claim.lua", "if epoch[2] ~= ARGV[2] then", "if false then"),
+ ("M31 claim keeps the index entry when its group is foreign", "lua/claim.lua", "          redis.call('HDEL', c.bucket_key, c.task_id)\n", ""),
+ ("M32 claim leaves the group bounds alone", "lua/claim.lua", "  redis.call('ZADD', deadlines_key, 'LT', unpack(lower))\n", ""),
+ ("M33 sweep settles a group's bound at its latest time", "lua/sweep.lua", "if low == nil or v < low then", "if low == nil or v > low then"),
+ ("M34 sweep drops a group whose due slots it was not given", "lua/sweep.lua", "  if low then\n", "  if false then\n"),
  ("M11 strict numbers off", "lua/common.lua", "not not string.match(v, '^%d+$')", "true"),
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

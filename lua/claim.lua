@@ -9,13 +9,14 @@
 --   of each claim; lease is "0" unless OK.
 -- Status per claim, taken in order (a task id given twice is TASK_BUSY the 2nd time):
 --   OK, SLOT_BUSY, TASK_BUSY, STALE, QUARANTINE, "CORRUPT <why>" for an unreadable
---   slot hash, or "INDEX <why>" for a task bucket of another type (that claim only). A
---   foreign shared key aborts the whole call, before any write, with error
---   "CORRUPT <key> ..." (a group of another type too), and a task_buckets other than
---   the epoch's with error
+--   slot hash, "INDEX <why>" for a task bucket of another type or "GROUP <why>" for a
+--   deadline group of another type (that claim only, nothing written). A foreign
+--   shared key aborts the whole call, before any write, with error
+--   "CORRUPT <key> ...", and a task_buckets other than the epoch's with error
 --   "ERR claim: task_buckets ...".
 -- A task's index entry is its claim's first write (HSETNX, which also finds a task
--- that holds a slot already): every other check comes before it.
+-- that holds a slot already), its time in the slot's group the second (undone, the
+-- index entry with it, if the group is foreign data): every other check comes first.
 -- QUARANTINE: state was lost (see epoch.lua) and no slot is granted before
 -- quarantine_until_ms. A missing lease counter starts at Redis time in ms x 100, so
 -- that leases do not repeat even when the state is lost and no replica noticed.
@@ -50,18 +51,9 @@ for i = 1, n do
   end
   claims[i] = c
 end
--- The keys the claims read are type-checked by those reads; the others here (each
--- group once).
+-- The keys the claims read are type-checked by those reads; the others here.
 check_type(deadlines_key, 'zset')
 check_type(idle_key, 'set')
-local group_seen = {}
-for i = 1, n do
-  local g = claims[i].group_key
-  if not group_seen[g] then
-    group_seen[g] = true
-    check_type(g, 'hash')
-  end
-end
 local epoch = read_checked('hash', 'HMGET', epoch_key, 'quarantine_until_ms', 'task_buckets')
 local quarantine = strict_int(epoch[1] or '0')
 if quarantine == nil then
@@ -117,7 +109,7 @@ local bound, groups = {}, {}
 local deadline_of = {}
 for i = 1, n do
   local c = claims[i]
-  local status
+  local status, deadline
   if now < quarantine then
     status = 'QUARANTINE'
   elseif c.why then
@@ -140,6 +132,17 @@ for i = 1, n do
         status = 'INDEX is a ' .. redis.call('TYPE', c.bucket_key)['ok'] .. ', expected a hash'
       elseif r == 0 then
         status = 'TASK_BUSY'
+      else
+        deadline = deadline_of[c.timeout]
+        if not deadline then
+          deadline = int_s(now + c.timeout)
+          deadline_of[c.timeout] = deadline
+        end
+        local w = redis.pcall('HSET', c.group_key, c.slot_id, deadline)
+        if type(w) == 'table' then
+          redis.call('HDEL', c.bucket_key, c.task_id)
+          status = 'GROUP is a ' .. redis.call('TYPE', c.group_key)['ok'] .. ', expected a hash'
+        end
       end
     end
   end
@@ -148,16 +151,10 @@ for i = 1, n do
     put(out, '0')
   else
     lease = lease + 1
-    local deadline = deadline_of[c.timeout]
-    if not deadline then
-      deadline = int_s(now + c.timeout)
-      deadline_of[c.timeout] = deadline
-    end
     local lease_s = int_s(lease)
     redis.call('HSET', c.slot_key, 'task', c.task_id, 'backend', c.backend, 'lease', lease_s,
       'start', now_s, 'due', deadline, 'timeout', c.timeout_s)
     taken[c.slot_key] = true
-    redis.call('HSET', c.group_key, c.slot_id, deadline)
     local b = bound[c.group]
     if b == nil then
       groups[#groups + 1] = c.group

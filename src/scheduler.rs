@@ -820,6 +820,10 @@ impl Scheduler {
                     self.corrupt_index(slot_id, name, &task_id, why, report);
                     continue;
                 }
+                Some(Claim::Group(why)) => {
+                    self.corrupt_group(slot_id, name, &task_id, why, report);
+                    return Ok(false);
+                }
                 Some(Claim::Corrupt(why)) => {
                     self.corrupt_claim(slot_id, name, &task_id, why, report);
                     return Ok(false);
@@ -858,6 +862,30 @@ impl Scheduler {
     ) {
         let e = Error::CorruptState {
             key: self.inner.keys.task_bucket(task_id, self.buckets()),
+            detail: why,
+        };
+        record(
+            &mut report.errors,
+            Stage::Redis,
+            slot_id,
+            Some(backend),
+            Some(task_id),
+            e,
+        );
+    }
+
+    /// A claim refused because the slot's group of the deadline index holds foreign
+    /// data: an error naming the group (no task can take the slot until it is repaired).
+    fn corrupt_group(
+        &self,
+        slot_id: &str,
+        backend: &str,
+        task_id: &str,
+        why: String,
+        report: &mut ScheduleReport,
+    ) {
+        let e = Error::CorruptState {
+            key: self.deadline_group_key(slot_id),
             detail: why,
         };
         record(
@@ -1151,6 +1179,11 @@ impl Scheduler {
                                     let slot_id = inner.slots[*index].config.slot_id.as_str();
                                     self.corrupt_index(slot_id, name, id, why, report);
                                     todo.push((*index, pos + 1));
+                                }
+                                Claim::Group(why) => {
+                                    let slot_id = inner.slots[*index].config.slot_id.as_str();
+                                    self.corrupt_group(slot_id, name, id, why, report);
+                                    left += 1;
                                 }
                                 Claim::Corrupt(why) => {
                                     let slot_id = inner.slots[*index].config.slot_id.as_str();

@@ -578,6 +578,8 @@ pub(crate) enum Claim {
     Corrupt(String),
     /// The task's bucket of the index holds foreign data (why); the task is not claimed.
     Index(String),
+    /// The slot's group of the deadline index holds foreign data (why); not claimed.
+    Group(String),
 }
 
 /// Claims slots in one script call, in order. Returns Redis time and one outcome per
@@ -635,10 +637,15 @@ pub(crate) async fn claim(
                 "TASK_BUSY" => Claim::TaskBusy,
                 "STALE" => Claim::Stale,
                 "QUARANTINE" => Claim::Quarantine,
-                other => match other.strip_prefix("INDEX ") {
-                    Some(why) => Claim::Index(why.to_owned()),
-                    None => Claim::Corrupt(other.strip_prefix("CORRUPT ")?.to_owned()),
-                },
+                other => {
+                    if let Some(why) = other.strip_prefix("INDEX ") {
+                        Claim::Index(why.to_owned())
+                    } else if let Some(why) = other.strip_prefix("GROUP ") {
+                        Claim::Group(why.to_owned())
+                    } else {
+                        Claim::Corrupt(other.strip_prefix("CORRUPT ")?.to_owned())
+                    }
+                }
             });
         }
         p.is_empty().then_some((now, outcomes))

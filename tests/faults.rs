@@ -673,7 +673,7 @@ async fn corrupt_task_bucket_is_corrupt_state_for_its_tasks_only() {
 }
 
 #[tokio::test]
-/// Foreign deadlines/idle/ended keys, or a foreign group of the deadline index, make schedule() CorruptState naming the key, writing nothing (and keepalive and stop, for the group of their slot).
+/// Foreign deadlines/idle/ended keys make schedule() CorruptState naming the key, writing nothing; a foreign group of the deadline index makes the claims into it errors naming it, and keepalive and stop of its slots CorruptState, writing nothing.
 async fn corrupt_tick_keys_are_corrupt_state() {
     let url = common::redis_url();
     // Two slots: the deadline index has one group, `due:0`.
@@ -688,7 +688,20 @@ async fn corrupt_tick_keys_are_corrupt_state() {
         replace_with_string(&mut conn, &k).await;
         let before = snapshot(&mut conn, &name).await;
         fake.push(["b"]);
-        assert_corrupt(s.schedule().await, &k, which);
+        if which == "due:0" {
+            // A claim into that group is refused alone: an error names the group.
+            let r = s.schedule().await.unwrap();
+            assert!(r.started.is_empty(), "{r:?}");
+            assert!(
+                r.errors
+                    .iter()
+                    .any(|e| e.message.contains(&k) && e.task_id.as_deref() == Some("b")),
+                "{:?}",
+                r.errors
+            );
+        } else {
+            assert_corrupt(s.schedule().await, &k, which);
+        }
         if which == "due:0" {
             assert_corrupt(s.keepalive("a").await, &k, "keepalive");
             assert_corrupt(s.stop("a").await, &k, "stop");
