@@ -529,3 +529,38 @@ async fn a_stale_group_bound_is_settled_without_callbacks() {
     assert_eq!(bound(&mut r).await, Some(due), "the tick settled the bound");
     assert!(due > first);
 }
+
+#[tokio::test]
+/// A sweep settles its group's bound at the group's earliest time: a kept slot (its
+/// stop_callback failed) is reclaimed at its own reclaim time, not at the deadline of
+/// a long-running slot of the same group.
+async fn a_kept_slot_is_reclaimed_on_time_beside_a_long_slot_of_its_group() {
+    let name = unique_name("groupbound");
+    let fake = Fake::with_tasks("Jobs", ["a", "b"]);
+    let s = Scheduler::builder(&name)
+        .redis_url(common::redis_url())
+        .backend(fake.clone())
+        .slot(SlotConfig::new("1", ["Jobs"]).timeout(Duration::from_millis(200)))
+        .slot(SlotConfig::new("2", ["Jobs"]).timeout(Duration::from_secs(3600)))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(s.deadline_group_key("1"), s.deadline_group_key("2"));
+    assert_eq!(s.schedule().await.unwrap().started.len(), 2);
+    {
+        let mut l = fake.ledger();
+        l.fail.insert((Callback::Stop, "a".into()));
+        l.error_answer = Some(false);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = s.schedule().await.unwrap();
+    assert_eq!(r.timed_out.len(), 1, "{r:?}");
+    fake.ledger().fail.clear();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = s.schedule().await.unwrap();
+    assert_eq!(r.reclaimed.len(), 1, "{r:?}");
+    assert_eq!(
+        fake.ledger().events_of("a"),
+        ["start", "timeout", "error:stop_callback", "stop"]
+    );
+}
