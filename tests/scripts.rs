@@ -140,11 +140,11 @@ async fn now_ms(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
 }
 
 #[tokio::test]
-/// claim.lua type-checks deadlines and idle before its first write: a foreign one
+/// claim.lua type-checks deadlines, idle, ended and epoch before its first write: a foreign one
 /// fails the claim naming it, with nothing written (no deadline left behind, slot 2
 /// still idle, no index entry, the lease counter as it was).
 async fn claim_with_a_foreign_deadlines_or_idle_writes_nothing() {
-    for which in ["deadlines", "idle"] {
+    for which in ["deadlines", "idle", "ended", "epoch"] {
         let (name, mut conn, _s) = setup(&format!("claimtype-{which}")).await;
         let foreign = key(&name, which);
         let _: () = redis::cmd("SET")
