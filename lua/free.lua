@@ -16,16 +16,16 @@ if n % 1 ~= 0 or #ARGV ~= 3 * n then
 end
 -- Only the stopping reason and lease decide (a slot of another type or shape is not
 -- freed); clearing the holder drops whatever else the hash had. The index entry goes
--- only where it still names the slot freed: everything is read before any write.
+-- with it (where the slot's task is the caller's): everything is read before any write.
 local freeing, gone = {}, {}
 for i = 1, n do
   local r = redis.pcall('HMGET', KEYS[3 * i - 1], 'stopping', 'lease', 'task')
   if not r.err and r[1] and r[2] == ARGV[3 * i - 1] then
     freeing[i] = true
     local task = ARGV[3 * i]
-    if r[3] == task and redis.pcall('HGET', KEYS[3 * i], task) == ARGV[3 * i - 2] then
-      gone[i] = true
-    end
+    -- The index entry can only name this slot: while it exists no claim takes the
+    -- task, and only this free drops it.
+    gone[i] = r[3] == task
   end
 end
 local out, freed, drops, drop_keys = {}, {}, {}, {}
@@ -33,7 +33,7 @@ for i = 1, n do
   if freeing[i] then
     clear_holder(KEYS[3 * i - 1])
     if gone[i] then
-      redis.call('HDEL', KEYS[3 * i], ARGV[3 * i])
+      redis.pcall('HDEL', KEYS[3 * i], ARGV[3 * i])
     end
     -- Its group's bound in `deadlines` may stay lower: the next sweep settles it.
     local g = KEYS[3 * i + 1]
