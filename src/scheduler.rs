@@ -818,11 +818,13 @@ impl Scheduler {
                 }
                 Some(Claim::TaskBusy | Claim::Stale) => continue,
                 Some(Claim::Index(why)) => {
-                    self.corrupt_index(slot_id, name, &task_id, why, report);
+                    let key = self.task_index_key(&task_id);
+                    self.refused_claim(key, slot_id, name, &task_id, why, report);
                     continue;
                 }
                 Some(Claim::Group(why)) => {
-                    self.corrupt_group(slot_id, name, &task_id, why, report);
+                    let key = self.deadline_group_key(slot_id);
+                    self.refused_claim(key, slot_id, name, &task_id, why, report);
                     return Ok(false);
                 }
                 Some(Claim::Corrupt(why)) => {
@@ -851,44 +853,19 @@ impl Scheduler {
         self.record_corrupt(&mut report.errors, slot_id, Some(backend), Some(task_id), e);
     }
 
-    /// A claim refused because the task's bucket of the index holds foreign data: an
-    /// error naming the bucket (the slot is fine, and may take another task).
-    fn corrupt_index(
+    /// A claim refused because a split index's key holds foreign data: the task's
+    /// bucket (the slot is fine, and may take another task) or the slot's deadline
+    /// group (no task can take the slot until it is repaired). An error naming `key`.
+    fn refused_claim(
         &self,
+        key: String,
         slot_id: &str,
         backend: &str,
         task_id: &str,
         why: String,
         report: &mut ScheduleReport,
     ) {
-        let e = Error::CorruptState {
-            key: self.inner.keys.task_bucket(task_id, self.buckets()),
-            detail: why,
-        };
-        record(
-            &mut report.errors,
-            Stage::Redis,
-            slot_id,
-            Some(backend),
-            Some(task_id),
-            e,
-        );
-    }
-
-    /// A claim refused because the slot's group of the deadline index holds foreign
-    /// data: an error naming the group (no task can take the slot until it is repaired).
-    fn corrupt_group(
-        &self,
-        slot_id: &str,
-        backend: &str,
-        task_id: &str,
-        why: String,
-        report: &mut ScheduleReport,
-    ) {
-        let e = Error::CorruptState {
-            key: self.deadline_group_key(slot_id),
-            detail: why,
-        };
+        let e = Error::CorruptState { key, detail: why };
         record(
             &mut report.errors,
             Stage::Redis,
@@ -1178,12 +1155,14 @@ impl Scheduler {
                                 Claim::TaskBusy | Claim::Stale => todo.push((*index, pos + 1)),
                                 Claim::Index(why) => {
                                     let slot_id = inner.slots[*index].config.slot_id.as_str();
-                                    self.corrupt_index(slot_id, name, id, why, report);
+                                    let key = self.task_index_key(id);
+                                    self.refused_claim(key, slot_id, name, id, why, report);
                                     todo.push((*index, pos + 1));
                                 }
                                 Claim::Group(why) => {
                                     let slot_id = inner.slots[*index].config.slot_id.as_str();
-                                    self.corrupt_group(slot_id, name, id, why, report);
+                                    let key = self.deadline_group_key(slot_id);
+                                    self.refused_claim(key, slot_id, name, id, why, report);
                                     left += 1;
                                 }
                                 Claim::Corrupt(why) => {

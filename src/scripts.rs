@@ -599,30 +599,24 @@ pub(crate) async fn claim(
         .key(&keys.lease)
         .key(&keys.epoch);
     inv.arg(stale_after_ms).arg(task_buckets);
-    let mut group_keys = Vec::with_capacity(claims.len());
     for c in claims {
         let (group, group_key) = keys.group(c.slot_id, task_buckets);
         inv.key(keys.slot(c.slot_id))
             .key(keys.task_bucket(c.task_id, task_buckets))
-            .key(&group_key)
+            .key(group_key)
             .arg(c.slot_id)
             .arg(c.task_id)
             .arg(c.backend)
             .arg(c.timeout_ms)
             .arg(c.polled_at_ms)
             .arg(group);
-        group_keys.push(group_key);
     }
+    // A foreign bucket or group is a status of its claim, not an error of the call.
     let value: Value = redis.eval("claiming slots", &inv).await.map_err(|e| {
-        let mut all = vec![
-            keys.deadlines.as_str(),
-            &keys.idle,
-            &keys.ended,
-            &keys.lease,
-            &keys.epoch,
-        ];
-        all.extend(group_keys.iter().map(String::as_str));
-        corrupt_or(e, &all)
+        corrupt_or(
+            e,
+            &[&keys.deadlines, &keys.idle, &keys.ended, &keys.lease, &keys.epoch],
+        )
     })?;
     let parse = || -> Option<(u64, Vec<Claim>)> {
         let mut p = Packed::of(&value)?;
