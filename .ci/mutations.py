@@ -17,8 +17,8 @@ M = [
  ("M10 slot type unchecked", "lua/common.lua", "local r = redis.pcall('HMGET', key, 'task',", "local r = redis.call('HMGET', key, 'task',"),
  ("M12 stopping slots never reclaimed", "lua/sweep.lua", "elseif s.state == 'stopping' and s.reclaim <= now then", "elseif false then"),
  ("M13 claim skips lease counter check", "lua/claim.lua", "if last_lease and strict_int(last_lease) == nil then", "if false then"),
- ("M14 keepalive ignores lease", "lua/keepalive.lua", "if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then", "if false then"),
- ("M15 release ignores lease", "lua/release.lua", "if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then", "if false then"),
+ ("M14 keepalive ignores lease", "lua/keepalive.lua", "if want_lease and want_lease ~= '' and lease ~= strict_int(want_lease) then", "if false then"),
+ ("M15 release ignores lease", "lua/release.lua", "if want_lease and want_lease ~= '' and lease ~= strict_int(want_lease) then", "if false then"),
  ("M16 reclaim skips callbacks", "lua/sweep.lua", "    redis.call('HSET', key, 'reclaim', reclaim)\n    set_time(j, id, reclaim)\n    put(out, 'R')", "    make_idle(key, id, KEYS[2], KEYS[3 + n + j])\n    times[j][id] = nil\n    put(out, 'R')"),
  ("M17 claim ignores quarantine", "lua/claim.lua", "if now < quarantine then", "if false then"),
  ("M18 epoch change unnoticed", "lua/epoch.lua", "elseif seen ~= '' and current ~= seen then", "elseif false then"),
@@ -28,7 +28,7 @@ M = [
  ("M22 claim's stale check reads the wrong task", "lua/claim.lua", "    local ended_at = ended[i]", "    local ended_at = ended[1]"),
  ("M23 slot read skips the check of start", "lua/common.lua", "  if not is_int(r[6]) then", "  if false then"),
  ("M24 holder fields without a task read as idle", "lua/common.lua", "    if r[2] or r[4] then", "    if r[2] then"),
- ("M25 claim takes a slot with holder fields", "lua/claim.lua", "is_int(r[1]) and not r[2] and not r[3] and not r[4] then", "is_int(r[1]) and not r[2] then"),
+ ("M25 claim takes a slot with holder fields", "lua/claim.lua", "cached_int(r[1]) and not r[2] and not r[3] and not r[4] then", "cached_int(r[1]) and not r[2] then"),
  ("M26 claim skips the type check of idle", "lua/claim.lua", "check_type(idle_key, 'set')\n", ""),
  ("M27 a late detector restarts the quarantine", "lua/epoch.lua", "since = math.min(now, strict_int(fields[3] or '') or now)", "since = now"),
  ("M28 a kept timeout forgets its timeout_callback ran", "lua/timeout_done.lua", "redis.call('HSET', KEYS[1], 'stopping', 'timeout_done')", "redis.call('HSET', KEYS[1], 'stopping', 'timeout')"),
@@ -38,7 +38,7 @@ M = [
  ("M32 claim leaves the group bounds alone", "lua/claim.lua", "  redis.call('ZADD', deadlines_key, 'LT', unpack(lower))\n", ""),
  ("M33 sweep settles a group's bound at its latest time", "lua/sweep.lua", "if low == nil or v < low then", "if low == nil or v > low then"),
  ("M34 sweep drops a group whose due slots it was not given", "lua/sweep.lua", "  if low then\n", "  if false then\n"),
- ("M11 strict numbers off", "lua/common.lua", "not not string.match(v, '^%d+$')", "true"),
+ ("M11 strict numbers off", "lua/common.lua", "find(v, '^%d+$') ~= nil", "true"),
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP = os.path.join(tempfile.gettempdir(), "task-semaphore-mutation.bak")

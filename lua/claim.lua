@@ -29,22 +29,12 @@ local n = (#KEYS - 5) / 3
 if stale_after == nil or n % 1 ~= 0 or #ARGV ~= 2 + 6 * n then
   return redis.error_reply('ERR claim: bad arguments')
 end
--- Timeouts and poll times repeat across a batch: each distinct string parsed once.
-local parsed = {}
-local function int_arg(v)
-  local x = parsed[v]
-  if x == nil then
-    x = strict_int(v) or false
-    parsed[v] = x
-  end
-  return x or nil
-end
 local claims = {}
 for i = 1, n do
   local a = 2 + 6 * (i - 1)
   local c = {slot_key = KEYS[3 + 3 * i], bucket_key = KEYS[4 + 3 * i], group_key = KEYS[5 + 3 * i],
     slot_id = ARGV[a + 1], task_id = ARGV[a + 2], backend = ARGV[a + 3], timeout_s = ARGV[a + 4],
-    timeout = int_arg(ARGV[a + 4]), polled_at = int_arg(ARGV[a + 5]), group = ARGV[a + 6],
+    timeout = cached_int(ARGV[a + 4]), polled_at = cached_int(ARGV[a + 5]), group = ARGV[a + 6],
     state = false, why = false}  -- sized once
   if c.timeout == nil or c.polled_at == nil or c.task_id == '' then
     return redis.error_reply('ERR claim: bad arguments')
@@ -83,7 +73,7 @@ local ended = read_checked('zset', 'ZMSCORE', ended_key, unpack(ids))
 for i = 1, n do
   local c = claims[i]
   local r = redis.pcall('HMGET', c.slot_key, 'timeout', 'task', 'stopping', 'lease')
-  if not r.err and is_int(r[1]) and not r[2] and not r[3] and not r[4] then
+  if not r.err and cached_int(r[1]) and not r[2] and not r[3] and not r[4] then
     c.state = 'idle'
   else
     local s, why = read_slot(c.slot_key)
@@ -105,7 +95,7 @@ end
 local first_lease = lease
 local not_idle, reused = {}, {}
 -- The earliest new deadline of each group: its bound in `deadlines` is lowered to it.
-local bound, groups = {}, {}
+local bound, bound_at, groups = {}, {}, {}
 local deadline_of = {}
 for i = 1, n do
   local c = claims[i]
@@ -155,12 +145,14 @@ for i = 1, n do
     redis.call('HSET', c.slot_key, 'task', c.task_id, 'backend', c.backend, 'lease', lease_s,
       'start', now_s, 'due', deadline, 'timeout', c.timeout_s)
     taken[c.slot_key] = true
-    local b = bound[c.group]
+    -- Compared as numbers: now + timeout, not the string (parsing costs more).
+    local at = now + c.timeout
+    local b = bound_at[c.group]
     if b == nil then
       groups[#groups + 1] = c.group
-      bound[c.group] = deadline
-    elseif tonumber(deadline) < tonumber(b) then
-      bound[c.group] = deadline
+      bound[c.group], bound_at[c.group] = deadline, at
+    elseif at < b then
+      bound[c.group], bound_at[c.group] = deadline, at
     end
     not_idle[#not_idle + 1] = c.slot_id
     if ended[i] then

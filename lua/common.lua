@@ -43,18 +43,44 @@ local function int_s(v)
   return string.format('%d', v)
 end
 
+-- Looked up once per call, not at every use (each use of a global is a table lookup).
+local find, tonumber = string.find, tonumber
+
 -- Whether v is a strict unsigned integer: digits only, at most 15 of them (exact in
 -- a Lua double).
 local function is_int(v)
-  return type(v) == 'string' and #v > 0 and #v <= 15 and not not string.match(v, '^%d+$')
+  return type(v) == 'string' and #v <= 15 and find(v, '^%d+$') ~= nil
 end
 
 -- A strict unsigned integer (see is_int) as a number, or nil.
 local function strict_int(v)
-  if not is_int(v) then
+  if is_int(v) then
+    return tonumber(v)
+  end
+  return nil
+end
+
+-- strict_int for values that repeat within a call (timeouts, group numbers, poll
+-- times): each distinct string is parsed once. The memo is made on first use, and
+-- only by scripts that use it (each call runs this whole file).
+local INTS
+
+-- strict_int(v), memoised in INTS.
+local function cached_int(v)
+  if type(v) ~= 'string' then
     return nil
   end
-  return tonumber(v)
+  local memo = INTS
+  if not memo then
+    memo = {}
+    INTS = memo
+  end
+  local x = memo[v]
+  if x == nil then
+    x = strict_int(v) or false
+    memo[v] = x
+  end
+  return x or nil
 end
 
 -- Replies that carry many values (tick, sweep, claim) are one bulk string of tokens
@@ -109,7 +135,7 @@ local function read_slot(key)
   if r.err then
     return nil, 'is a ' .. redis.call('TYPE', key)['ok'] .. ', expected a hash'
   end
-  local timeout = strict_int(r[3])
+  local timeout = cached_int(r[3])
   if not r[1] then
     -- A stopping reason or a lease without a task is foreign data. Other stray holder
     -- fields are harmless: the next claim overwrites them (its idle check reads no more).
@@ -126,7 +152,7 @@ local function read_slot(key)
   end
   -- One constructor (sized once), not a table grown field by field.
   local s = {state = r[2] and 'stopping' or 'busy', task = r[1], stopping = r[2] or nil,
-    timeout = timeout, lease = strict_int(r[4]), lease_s = r[4], due = strict_int(r[5]),
+    timeout = timeout, lease_s = r[4], due = strict_int(r[5]),
     backend = r[7] or nil, reclaim = nil}
   if r[1] == '' or not s.backend then
     return nil, 'has no task or backend'
@@ -134,7 +160,8 @@ local function read_slot(key)
   if timeout == nil then
     return nil, 'has a bad or missing field timeout'
   end
-  if s.lease == nil then
+  -- Checked, not parsed: scripts compare and return it as the string it is.
+  if not is_int(r[4]) then
     return nil, 'has a bad or missing field lease'
   end
   if s.due == nil then

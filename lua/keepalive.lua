@@ -16,8 +16,9 @@ local s, refusal = slot_of_task(bucket_key, slot_key, task_id, slot_id)
 if s == nil then
   return refusal
 end
-if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then
-  return {'LEASE_LOST', s.lease}
+local lease = tonumber(s.lease_s)
+if want_lease and want_lease ~= '' and lease ~= strict_int(want_lease) then
+  return {'LEASE_LOST', lease}
 end
 local now = now_ms()
 if s.due <= now then
@@ -28,4 +29,4 @@ local deadline_s = int_s(deadline)
 redis.call('HSET', slot_key, 'due', deadline_s)
 -- A later deadline: the group's bound in `deadlines` stays a bound.
 redis.call('HSET', group_key, slot_id, deadline_s)
-return {'OK', now, s.lease, deadline, s.backend}
+return {'OK', now, lease, deadline, s.backend}

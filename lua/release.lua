@@ -21,8 +21,9 @@ local s, refusal = slot_of_task(bucket_key, slot_key, task_id, slot_id)
 if s == nil then
   return refusal
 end
-if want_lease and want_lease ~= '' and s.lease ~= strict_int(want_lease) then
-  return {'LEASE_LOST', s.lease}
+local lease = tonumber(s.lease_s)
+if want_lease and want_lease ~= '' and lease ~= strict_int(want_lease) then
+  return {'LEASE_LOST', lease}
 end
 
 local now = now_ms()
@@ -37,4 +38,4 @@ else
   -- reclaim (now + timeout) is no earlier than due: the group's bound stays a bound.
   redis.call('HSET', group_key, slot_id, reclaim_at)
 end
-return {'OK', now, s.lease, s.backend}
+return {'OK', now, lease, s.backend}

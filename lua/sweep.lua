@@ -54,7 +54,7 @@ end
 local slots, reasons, group_of = {}, {}, {}
 for i = 1, n do
   slots[i], reasons[i] = read_slot(KEYS[3 + i])
-  group_of[i] = strict_int(ARGV[2 * i + 1])
+  group_of[i] = cached_int(ARGV[2 * i + 1])
   if group_of[i] == nil or group_of[i] < 1 or group_of[i] > m then
     return redis.error_reply('ERR sweep: bad arguments')
   end
