@@ -5,6 +5,7 @@ mod config;
 mod connection;
 mod error;
 mod keys;
+mod pipelined;
 mod report;
 mod scheduler;
 mod scripts;

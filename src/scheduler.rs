@@ -15,6 +15,7 @@ use crate::config::{self, SlotConfig};
 use crate::connection::{self, Redis};
 use crate::error::{Error, Result};
 use crate::keys::{self, Keys};
+use crate::pipelined::Pipelined;
 use crate::report::{Inspection, ScheduleReport, SlotTask, Stage, TickError};
 use crate::scripts::{
     self, Claim, ClaimArgs, EpochVerdict, Held, RegisterSlot, ReleaseMode, SweepChunk, Swept, ToFree,
@@ -1122,61 +1123,52 @@ impl Scheduler {
             for (b, claims) in claims {
                 let name = inner.backends[b].name();
                 let polled_at_ms = polled.get(&b).map_or(0, |(at, _)| *at);
-                let claim_chunk = |chunk| self.claim_chunk(chunk, name, polled_at_ms);
-                // Pipelined: the claim call of the next chunk runs in Redis while this
+                // Pipelined: the next chunks' claim calls run in Redis while this
                 // chunk's start callbacks run here (both cores busy, not one in turn).
                 let chunks: Vec<&[(usize, usize, String)]> = claims.chunks(CLAIM_CHUNK).collect();
-                let mut claimed = match chunks.first() {
-                    Some(first) => Some(claim_chunk(first).await?),
-                    None => None,
-                };
-                for (i, chunk) in chunks.iter().enumerate() {
-                    let Some((now_ms, outcomes)) = claimed.take() else {
-                        break;
-                    };
+                let mut claimed =
+                    Pipelined::new(&chunks, |chunk| self.claim_chunk(chunk, name, polled_at_ms));
+                let mut i = 0;
+                while let Some(result) = claimed.next().await {
+                    let (now_ms, outcomes) = result?;
+                    let chunk = chunks[i];
+                    i += 1;
                     clock.saw(now_ms);
-                    let next = async {
-                        match chunks.get(i + 1) {
-                            Some(next) => Some(claim_chunk(next).await),
-                            None => None,
-                        }
-                    };
-                    let start = async {
-                        for ((index, pos, id), outcome) in chunk.iter().zip(outcomes) {
-                            match outcome {
-                                Claim::Ok { lease } => {
-                                    if !self
-                                        .start_claimed(*index, b, id.clone(), lease, clock, report)
-                                        .await
-                                    {
+                    claimed
+                        .alongside(async {
+                            for ((index, pos, id), outcome) in chunk.iter().zip(outcomes) {
+                                match outcome {
+                                    Claim::Ok { lease } => {
+                                        if !self
+                                            .start_claimed(*index, b, id.clone(), lease, clock, report)
+                                            .await
+                                        {
+                                            left += 1;
+                                        }
+                                    }
+                                    Claim::TaskBusy | Claim::Stale => todo.push((*index, pos + 1)),
+                                    Claim::Index(why) => {
+                                        let slot_id = inner.slots[*index].config.slot_id.as_str();
+                                        let key = self.task_index_key(id);
+                                        self.refused_claim(key, slot_id, name, id, why, report);
+                                        todo.push((*index, pos + 1));
+                                    }
+                                    Claim::Group(why) => {
+                                        let slot_id = inner.slots[*index].config.slot_id.as_str();
+                                        let key = self.deadline_group_key(slot_id);
+                                        self.refused_claim(key, slot_id, name, id, why, report);
                                         left += 1;
                                     }
+                                    Claim::Corrupt(why) => {
+                                        let slot_id = inner.slots[*index].config.slot_id.as_str();
+                                        self.corrupt_claim(slot_id, name, id, why, report);
+                                        left += 1;
+                                    }
+                                    Claim::SlotBusy | Claim::Quarantine => left += 1,
                                 }
-                                Claim::TaskBusy | Claim::Stale => todo.push((*index, pos + 1)),
-                                Claim::Index(why) => {
-                                    let slot_id = inner.slots[*index].config.slot_id.as_str();
-                                    let key = self.task_index_key(id);
-                                    self.refused_claim(key, slot_id, name, id, why, report);
-                                    todo.push((*index, pos + 1));
-                                }
-                                Claim::Group(why) => {
-                                    let slot_id = inner.slots[*index].config.slot_id.as_str();
-                                    let key = self.deadline_group_key(slot_id);
-                                    self.refused_claim(key, slot_id, name, id, why, report);
-                                    left += 1;
-                                }
-                                Claim::Corrupt(why) => {
-                                    let slot_id = inner.slots[*index].config.slot_id.as_str();
-                                    self.corrupt_claim(slot_id, name, id, why, report);
-                                    left += 1;
-                                }
-                                Claim::SlotBusy | Claim::Quarantine => left += 1,
                             }
-                        }
-                    };
-                    // The claim first, so that its request is sent before the callbacks run.
-                    let (next, ()) = tokio::join!(next, start);
-                    claimed = next.transpose()?;
+                        })
+                        .await;
                 }
             }
             todo.sort_unstable();
@@ -1233,44 +1225,35 @@ impl Scheduler {
                     .iter()
                     .filter_map(|id| inner.slot_index.get(id).copied()),
             );
-            // Pipelined: the sweep call of the next chunk runs in Redis while the
-            // callbacks of this one run here. (If this chunk's free fails, the next
-            // chunk's slots wait for their reclaim, as after a crash.)
+            // Pipelined: the next chunks' sweep calls run in Redis while the callbacks
+            // of this one run here. (If this chunk's free fails, the next chunks'
+            // slots wait for their reclaim, as after a crash.)
             let chunks = self.sweep_chunks(&tick.due, tick.now_ms).await?;
-            let mut swept = match chunks.first() {
-                Some(first) => Some(scripts::sweep(&inner.redis, &inner.keys, first).await?),
-                None => None,
-            };
-            for i in 0..chunks.len() {
-                let Some((now_ms, items)) = swept.take() else {
-                    break;
-                };
+            let mut sweeps =
+                Pipelined::new(&chunks, |chunk| scripts::sweep(&inner.redis, &inner.keys, chunk));
+            while let Some(swept) = sweeps.next().await {
+                let (now_ms, items) = swept?;
                 clock.saw(now_ms);
-                let next = async {
-                    match chunks.get(i + 1) {
-                        Some(next) => Some(scripts::sweep(&inner.redis, &inner.keys, next).await),
-                        None => None,
-                    }
-                };
-                let finished = async {
-                    let to_free = self.finish_swept(now_ms, items, &mut report).await;
-                    if to_free.is_empty() {
-                        return Ok(Vec::new());
-                    }
-                    let freed = scripts::free(&inner.redis, &inner.keys, self.buckets(), &to_free).await?;
-                    Ok::<_, Error>(
-                        to_free
-                            .into_iter()
-                            .zip(freed)
-                            .filter_map(|(f, freed)| freed.then_some(f.slot_id))
-                            .collect::<Vec<_>>(),
-                    )
-                };
-                let (next, freed) = tokio::join!(next, finished);
-                for slot_id in freed? {
+                let freed = sweeps
+                    .alongside(async {
+                        let to_free = self.finish_swept(now_ms, items, &mut report).await;
+                        if to_free.is_empty() {
+                            return Ok(Vec::new());
+                        }
+                        let freed =
+                            scripts::free(&inner.redis, &inner.keys, self.buckets(), &to_free).await?;
+                        Ok::<_, Error>(
+                            to_free
+                                .into_iter()
+                                .zip(freed)
+                                .filter_map(|(f, freed)| freed.then_some(f.slot_id))
+                                .collect::<Vec<_>>(),
+                        )
+                    })
+                    .await?;
+                for slot_id in freed {
                     idle.extend(inner.slot_index.get(&slot_id).copied());
                 }
-                swept = next.transpose()?;
             }
             if tick.due.len() < MAX_DUE || round + 1 == rounds {
                 break;

@@ -1,0 +1,188 @@
+//! Script calls kept in flight while their results are handled: the one place that
+//! decides how far the chunked sweep and claim calls run ahead.
+//!
+//! Redis runs one command at a time, so a chunked job is fastest when Redis always
+//! has a call queued: with one call ahead that went out only once the previous
+//! result was handled, Redis sat idle for a round trip (and the client's parsing) at
+//! every chunk.
+
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
+
+/// How many calls are in Redis's queue at once (sent, no reply yet), and how many
+/// results may wait for their turn besides. A result waiting holds slots claimed or
+/// stopping before their callbacks ran, so both stay small.
+pub(crate) const IN_FLIGHT: usize = 3;
+const WAITING: usize = 3;
+
+/// A call in flight, or its result once it came.
+enum InFlight<F: Future> {
+    Running(Pin<Box<F>>),
+    Done(Option<F::Output>),
+}
+
+/// The calls of a chunked job, sent in order and taken in order: `next` gives each
+/// call's result, and `alongside` runs the caller's handling of it while the calls
+/// keep going (and the next ones go out).
+pub(crate) struct Pipelined<'a, I, F: Future, C> {
+    items: &'a [I],
+    call: C,
+    sent: usize,
+    calls: VecDeque<InFlight<F>>,
+}
+
+impl<'a, I, F: Future, C: Fn(&'a I) -> F> Pipelined<'a, I, F, C> {
+    /// `call(item)` for every item, in order; nothing is sent before the first `next`.
+    pub(crate) fn new(items: &'a [I], call: C) -> Self {
+        Pipelined {
+            items,
+            call,
+            sent: 0,
+            calls: VecDeque::with_capacity(IN_FLIGHT + WAITING),
+        }
+    }
+
+    /// The next call's result, in item order, once it came; None after the last.
+    pub(crate) async fn next(&mut self) -> Option<F::Output> {
+        poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// Runs `work` (the handling of a result) while the calls go on.
+    pub(crate) async fn alongside<T>(&mut self, work: impl Future<Output = T>) -> T {
+        let mut work = pin!(work);
+        poll_fn(|cx| {
+            self.pump(cx);
+            work.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Drives every call, and sends the next ones while fewer than [`IN_FLIGHT`] wait
+    /// for a reply (and fewer than [`IN_FLIGHT`] + [`WAITING`] for their turn).
+    fn pump(&mut self, cx: &mut Context<'_>) {
+        let mut running = 0;
+        for c in self.calls.iter_mut() {
+            if let InFlight::Running(f) = c {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(out) => *c = InFlight::Done(Some(out)),
+                    Poll::Pending => running += 1,
+                }
+            }
+        }
+        while running < IN_FLIGHT && self.calls.len() < IN_FLIGHT + WAITING && self.sent < self.items.len() {
+            let mut f = Box::pin((self.call)(&self.items[self.sent]));
+            self.sent += 1;
+            // Polled at once, so that its request goes out now.
+            match f.as_mut().poll(cx) {
+                Poll::Ready(out) => self.calls.push_back(InFlight::Done(Some(out))),
+                Poll::Pending => {
+                    self.calls.push_back(InFlight::Running(f));
+                    running += 1;
+                }
+            }
+        }
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<F::Output>> {
+        self.pump(cx);
+        match self.calls.front_mut() {
+            None => Poll::Ready(None),
+            Some(InFlight::Running(_)) => Poll::Pending,
+            Some(InFlight::Done(out)) => {
+                let out = out.take();
+                self.calls.pop_front();
+                // Its place is free: the next call goes out at once.
+                self.pump(cx);
+                Poll::Ready(out)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Counts the calls sent and the calls waiting for their reply.
+    #[derive(Default)]
+    struct Calls {
+        sent: AtomicUsize,
+        running: AtomicUsize,
+        most_running: AtomicUsize,
+    }
+
+    impl Calls {
+        /// A call that takes a little while, then gives `item * 10`.
+        async fn call(&self, item: &usize) -> Result<usize, String> {
+            self.sent.fetch_add(1, Ordering::SeqCst);
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_running.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            if *item == 13 {
+                return Err("call 13 failed".into());
+            }
+            Ok(item * 10)
+        }
+    }
+
+    #[tokio::test]
+    async fn results_come_in_order_with_a_few_calls_in_flight() {
+        let calls = Calls::default();
+        let items: Vec<usize> = (0..12).collect();
+        let mut p = Pipelined::new(&items, |i| calls.call(i));
+        let mut got = Vec::new();
+        while let Some(r) = p.next().await {
+            got.push(r.unwrap());
+        }
+        assert_eq!(got, (0..12).map(|i| i * 10).collect::<Vec<_>>());
+        assert_eq!(calls.most_running.load(Ordering::SeqCst), IN_FLIGHT);
+    }
+
+    #[tokio::test]
+    async fn the_next_calls_go_out_while_a_result_is_handled() {
+        let calls = Calls::default();
+        let items: Vec<usize> = (0..20).collect();
+        let mut p = Pipelined::new(&items, |i| calls.call(i));
+        assert_eq!(p.next().await, Some(Ok(0)));
+        // While item 0 is handled (slowly), the calls go on: each that returns makes
+        // room for the next, up to IN_FLIGHT + WAITING results not yet taken.
+        let seen = p
+            .alongside(async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                calls.sent.load(Ordering::SeqCst)
+            })
+            .await;
+        assert_eq!(seen, 1 + IN_FLIGHT + WAITING);
+        for want in 1..=(IN_FLIGHT + WAITING) {
+            assert_eq!(p.next().await, Some(Ok(want * 10)));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_call_is_given_in_its_turn() {
+        let calls = Calls::default();
+        let items: Vec<usize> = (10..20).collect();
+        let mut p = Pipelined::new(&items, |i| calls.call(i));
+        let mut got = Vec::new();
+        while let Some(r) = p.next().await {
+            match r {
+                Ok(v) => got.push(v),
+                Err(e) => {
+                    assert_eq!(e, "call 13 failed");
+                    break;
+                }
+            }
+        }
+        assert_eq!(got, [100, 110, 120]);
+        // Nothing is sent past the window (the caller stops at the error).
+        assert!(calls.sent.load(Ordering::SeqCst) <= 4 + IN_FLIGHT + WAITING);
+    }
+}
