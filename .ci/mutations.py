@@ -5,9 +5,9 @@ Each mutation is applied to the working tree, the tests run, and the file is res
 """
 import os, subprocess, sys, shutil, tempfile
 M = [
- ("M1 claim ignores busy slot", "lua/claim.lua", "elseif c.state ~= 'idle' then\n", "elseif false then\n"),
+ ("M1 claim ignores busy slot", "lua/claim.lua", "elseif state[i] ~= 'idle' then\n", "elseif false then\n"),
  ("M2 claim ignores task already held", "lua/claim.lua", "      elseif r == 0 then", "      elseif false then"),
- ("M3 claim ignores stale polls", "lua/claim.lua", "(ended_at and tonumber(ended_at) >= c.polled_at)", "false"),
+ ("M3 claim ignores stale polls", "lua/claim.lua", "(ended_at and tonumber(ended_at) >= polled_at)", "false"),
  ("M4 sweep ignores deadline", "lua/sweep.lua", "elseif s.state == 'busy' and s.due <= now then", "elseif s.state == 'busy' then"),
  ("M5 sweep frees before callbacks", "lua/sweep.lua", "redis.call('HSET', key, 'stopping', 'timeout', 'reclaim', reclaim)", "redis.call('SADD', KEYS[2], id)\n    redis.call('HDEL', key, 'task', 'backend', 'lease', 'start', 'due')"),
  ("M6 free ignores lease", "lua/free.lua", "r[2] == ARGV[3 * i - 1]", "true"),
@@ -34,7 +34,7 @@ M = [
  ("M28 a kept timeout forgets its timeout_callback ran", "lua/timeout_done.lua", "redis.call('HSET', KEYS[1], 'stopping', 'timeout_done')", "redis.call('HSET', KEYS[1], 'stopping', 'timeout')"),
  ("M29 a stopped task leaves the index before its callbacks", "lua/release.lua", "  -- The index keeps the task until free.lua: no claim takes it again meanwhile.\n", "  redis.call('HDEL', bucket_key, task_id)\n"),
  ("M30 claim ignores the epoch's task_buckets", "lua/claim.lua", "if epoch[2] ~= ARGV[2] then", "if false then"),
- ("M31 claim keeps the index entry when its group is foreign", "lua/claim.lua", "          redis.call('HDEL', c.bucket_key, c.task_id)\n", ""),
+ ("M31 claim keeps the index entry when its group is foreign", "lua/claim.lua", "          redis.call('HDEL', bucket_key, task_id)\n", ""),
  ("M32 claim leaves the group bounds alone", "lua/claim.lua", "  redis.call('ZADD', deadlines_key, 'LT', unpack(lower))\n", ""),
  ("M33 sweep settles a group's bound at its latest time", "lua/sweep.lua", "if low == nil or v < low then", "if low == nil or v > low then"),
  ("M34 sweep drops a group whose due slots it was not given", "lua/sweep.lua", "  if low then\n", "  if false then\n"),

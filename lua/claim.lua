@@ -29,17 +29,18 @@ local n = (#KEYS - 5) / 3
 if stale_after == nil or n % 1 ~= 0 or #ARGV ~= 2 + 6 * n then
   return redis.error_reply('ERR claim: bad arguments')
 end
-local claims = {}
+-- Claim i's arguments are read where they are used, from KEYS and ARGV (a table per
+-- claim would cost more than the claim's own checks): its slot hash, task bucket and
+-- group are KEYS[3 + 3i], KEYS[4 + 3i], KEYS[5 + 3i]; its slot id, task id, backend,
+-- timeout, poll time and group id ARGV[a + 1] .. ARGV[a + 6], with a = 2 + 6(i - 1).
+-- The ids, for ZMSCORE, are checked here.
+local ids = {}
 for i = 1, n do
   local a = 2 + 6 * (i - 1)
-  local c = {slot_key = KEYS[3 + 3 * i], bucket_key = KEYS[4 + 3 * i], group_key = KEYS[5 + 3 * i],
-    slot_id = ARGV[a + 1], task_id = ARGV[a + 2], backend = ARGV[a + 3], timeout_s = ARGV[a + 4],
-    timeout = cached_int(ARGV[a + 4]), polled_at = cached_int(ARGV[a + 5]), group = ARGV[a + 6],
-    state = false, why = false}  -- sized once
-  if c.timeout == nil or c.polled_at == nil or c.task_id == '' then
+  if cached_int(ARGV[a + 4]) == nil or cached_int(ARGV[a + 5]) == nil or ARGV[a + 2] == '' then
     return redis.error_reply('ERR claim: bad arguments')
   end
-  claims[i] = c
+  ids[i] = ARGV[a + 2]
 end
 -- The keys the claims read are type-checked by those reads; the others here.
 check_type(deadlines_key, 'zset')
@@ -62,22 +63,20 @@ if last_lease and strict_int(last_lease) + n > MAX_INT then
   corrupt(lease_key, 'is exhausted (' .. last_lease .. ')')
 end
 -- When each task last ended, in one call.
-local ids = {}
-for i = 1, n do
-  ids[i] = claims[i].task_id
-end
 local ended = read_checked('zset', 'ZMSCORE', ended_key, unpack(ids))
 -- Only an idle slot is claimed: a registered slot with its `timeout`, and no `task`,
 -- `stopping` or `lease` (read_slot's rule). Those are all a claim reads of an idle
 -- slot; any other slot (rare: the caller saw it idle) is read and checked whole.
+-- state[i] is "idle", "busy" or "stopping", or false for an unreadable slot (why[i]).
+local state, why = {}, {}
 for i = 1, n do
-  local c = claims[i]
-  local r = redis.pcall('HMGET', c.slot_key, 'timeout', 'task', 'stopping', 'lease')
+  local slot_key = KEYS[3 + 3 * i]
+  local r = redis.pcall('HMGET', slot_key, 'timeout', 'task', 'stopping', 'lease')
   if not r.err and cached_int(r[1]) and not r[2] and not r[3] and not r[4] then
-    c.state = 'idle'
+    state[i] = 'idle'
   else
-    local s, why = read_slot(c.slot_key)
-    c.state, c.why = s and s.state, why
+    local s, bad = read_slot(slot_key)
+    state[i], why[i] = s and s.state or false, bad
   end
 end
 
@@ -98,40 +97,45 @@ local not_idle, reused = {}, {}
 local bound, bound_at, groups = {}, {}, {}
 local deadline_of = {}
 for i = 1, n do
-  local c = claims[i]
-  local status, deadline
+  local slot_key, bucket_key, group_key = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
+  local a = 2 + 6 * (i - 1)
+  local slot_id, task_id, group = ARGV[a + 1], ARGV[a + 2], ARGV[a + 6]
+  local status, deadline, at
   if now < quarantine then
     status = 'QUARANTINE'
-  elseif c.why then
-    status = 'CORRUPT ' .. c.why
-  elseif c.state ~= 'idle' then
+  elseif why[i] then
+    status = 'CORRUPT ' .. why[i]
+  elseif state[i] ~= 'idle' then
     -- A busy slot is never in the idle set; if a hand edit left it there, repair that.
-    not_idle[#not_idle + 1] = c.slot_id
+    not_idle[#not_idle + 1] = slot_id
     status = 'SLOT_BUSY'
-  elseif taken[c.slot_key] then
+  elseif taken[slot_key] then
     status = 'SLOT_BUSY'
   else
     local ended_at = ended[i]
-    if now - c.polled_at > stale_after or (ended_at and tonumber(ended_at) >= c.polled_at) then
+    local polled_at = cached_int(ARGV[a + 5])
+    if now - polled_at > stale_after or (ended_at and tonumber(ended_at) >= polled_at) then
       status = 'STALE'
     else
       -- The claim's first write: the index entry, unless the task holds a slot already
       -- (a task given twice in this call finds its own first entry).
-      local r = redis.pcall('HSETNX', c.bucket_key, c.task_id, c.slot_id)
+      local r = redis.pcall('HSETNX', bucket_key, task_id, slot_id)
       if type(r) == 'table' then
-        status = 'INDEX is a ' .. redis.call('TYPE', c.bucket_key)['ok'] .. ', expected a hash'
+        status = 'INDEX is a ' .. redis.call('TYPE', bucket_key)['ok'] .. ', expected a hash'
       elseif r == 0 then
         status = 'TASK_BUSY'
       else
-        deadline = deadline_of[c.timeout]
+        local timeout = cached_int(ARGV[a + 4])
+        at = now + timeout
+        deadline = deadline_of[timeout]
         if not deadline then
-          deadline = int_s(now + c.timeout)
-          deadline_of[c.timeout] = deadline
+          deadline = int_s(at)
+          deadline_of[timeout] = deadline
         end
-        local w = redis.pcall('HSET', c.group_key, c.slot_id, deadline)
+        local w = redis.pcall('HSET', group_key, slot_id, deadline)
         if type(w) == 'table' then
-          redis.call('HDEL', c.bucket_key, c.task_id)
-          status = 'GROUP is a ' .. redis.call('TYPE', c.group_key)['ok'] .. ', expected a hash'
+          redis.call('HDEL', bucket_key, task_id)
+          status = 'GROUP is a ' .. redis.call('TYPE', group_key)['ok'] .. ', expected a hash'
         end
       end
     end
@@ -142,22 +146,21 @@ for i = 1, n do
   else
     lease = lease + 1
     local lease_s = int_s(lease)
-    redis.call('HSET', c.slot_key, 'task', c.task_id, 'backend', c.backend, 'lease', lease_s,
-      'start', now_s, 'due', deadline, 'timeout', c.timeout_s)
-    taken[c.slot_key] = true
-    -- Compared as numbers: now + timeout, not the string (parsing costs more).
-    local at = now + c.timeout
-    local b = bound_at[c.group]
+    redis.call('HSET', slot_key, 'task', task_id, 'backend', ARGV[a + 3], 'lease', lease_s,
+      'start', now_s, 'due', deadline, 'timeout', ARGV[a + 4])
+    taken[slot_key] = true
+    -- Compared as numbers (now + timeout), not as the strings (parsing costs more).
+    local b = bound_at[group]
     if b == nil then
-      groups[#groups + 1] = c.group
-      bound[c.group], bound_at[c.group] = deadline, at
+      groups[#groups + 1] = group
+      bound[group], bound_at[group] = deadline, at
     elseif at < b then
-      bound[c.group], bound_at[c.group] = deadline, at
+      bound[group], bound_at[group] = deadline, at
     end
-    not_idle[#not_idle + 1] = c.slot_id
+    not_idle[#not_idle + 1] = slot_id
     if ended[i] then
       -- A task that ended before (re-queued) is no longer "recently ended".
-      reused[#reused + 1] = c.task_id
+      reused[#reused + 1] = task_id
     end
     put(out, 'OK')
     put(out, lease_s)
