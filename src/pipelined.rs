@@ -10,12 +10,21 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 /// How many calls are in Redis's queue at once (sent, no reply yet), and how many
-/// results may wait for their turn besides. A result waiting holds slots claimed or
-/// stopping before their callbacks ran, so both stay small.
-pub(crate) const IN_FLIGHT: usize = 3;
-const WAITING: usize = 3;
+/// results may wait for their turn besides. Two queued calls cover the round trip
+/// between a reply and the next request.
+pub(crate) const IN_FLIGHT: usize = 2;
+const WAITING: usize = 2;
+
+/// New calls go out while a result is handled only for this long. A call ahead
+/// claims slots or marks them stopping, and their callbacks wait for the handling of
+/// the results before it: with slow callbacks (a sweep chunk's `stop_callback`s
+/// taking seconds), sending more would start the slots' clocks long before their
+/// callbacks run (a stopping slot is reclaimed by another replica once its
+/// `reclaim` passes). So at most [`IN_FLIGHT`] calls run ahead of slow handling.
+const SEND_WHILE: Duration = Duration::from_millis(10);
 
 /// A call in flight, or its result once it came.
 enum InFlight<F: Future> {
@@ -49,19 +58,22 @@ impl<'a, I, F: Future, C: Fn(&'a I) -> F> Pipelined<'a, I, F, C> {
         poll_fn(|cx| self.poll_next(cx)).await
     }
 
-    /// Runs `work` (the handling of a result) while the calls go on.
+    /// Runs `work` (the handling of a result) while the calls go on; the next calls
+    /// go out meanwhile during its first [`SEND_WHILE`] only.
     pub(crate) async fn alongside<T>(&mut self, work: impl Future<Output = T>) -> T {
         let mut work = pin!(work);
+        let since = Instant::now();
         poll_fn(|cx| {
-            self.pump(cx);
+            self.pump(cx, since.elapsed() < SEND_WHILE);
             work.as_mut().poll(cx)
         })
         .await
     }
 
-    /// Drives every call, and sends the next ones while fewer than [`IN_FLIGHT`] wait
-    /// for a reply (and fewer than [`IN_FLIGHT`] + [`WAITING`] for their turn).
-    fn pump(&mut self, cx: &mut Context<'_>) {
+    /// Drives every call, and (if `send`) sends the next ones while fewer than
+    /// [`IN_FLIGHT`] wait for a reply (and fewer than [`IN_FLIGHT`] + [`WAITING`] for
+    /// their turn).
+    fn pump(&mut self, cx: &mut Context<'_>, send: bool) {
         let mut running = 0;
         for c in self.calls.iter_mut() {
             if let InFlight::Running(f) = c {
@@ -71,7 +83,11 @@ impl<'a, I, F: Future, C: Fn(&'a I) -> F> Pipelined<'a, I, F, C> {
                 }
             }
         }
-        while running < IN_FLIGHT && self.calls.len() < IN_FLIGHT + WAITING && self.sent < self.items.len() {
+        while send
+            && running < IN_FLIGHT
+            && self.calls.len() < IN_FLIGHT + WAITING
+            && self.sent < self.items.len()
+        {
             let mut f = Box::pin((self.call)(&self.items[self.sent]));
             self.sent += 1;
             // Polled at once, so that its request goes out now.
@@ -86,7 +102,7 @@ impl<'a, I, F: Future, C: Fn(&'a I) -> F> Pipelined<'a, I, F, C> {
     }
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<F::Output>> {
-        self.pump(cx);
+        self.pump(cx, true);
         match self.calls.front_mut() {
             None => Poll::Ready(None),
             Some(InFlight::Running(_)) => Poll::Pending,
@@ -94,7 +110,7 @@ impl<'a, I, F: Future, C: Fn(&'a I) -> F> Pipelined<'a, I, F, C> {
                 let out = out.take();
                 self.calls.pop_front();
                 // Its place is free: the next call goes out at once.
-                self.pump(cx);
+                self.pump(cx, true);
                 Poll::Ready(out)
             }
         }
@@ -105,10 +121,8 @@ impl<'a, I, F: Future, C: Fn(&'a I) -> F> Pipelined<'a, I, F, C> {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Duration;
-
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Counts the calls sent and the calls waiting for their reply.
     #[derive(Default)]
@@ -119,12 +133,17 @@ mod tests {
     }
 
     impl Calls {
-        /// A call that takes a little while, then gives `item * 10`.
-        async fn call(&self, item: &usize) -> Result<usize, String> {
+        /// A call that gives `item * 10` after `took` (a moment when zero); item 13
+        /// fails.
+        async fn call(&self, item: &usize, took: Duration) -> Result<usize, String> {
             self.sent.fetch_add(1, Ordering::SeqCst);
             let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
             self.most_running.fetch_max(now, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            if took.is_zero() {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(took).await;
+            }
             self.running.fetch_sub(1, Ordering::SeqCst);
             if *item == 13 {
                 return Err("call 13 failed".into());
@@ -137,7 +156,7 @@ mod tests {
     async fn results_come_in_order_with_a_few_calls_in_flight() {
         let calls = Calls::default();
         let items: Vec<usize> = (0..12).collect();
-        let mut p = Pipelined::new(&items, |i| calls.call(i));
+        let mut p = Pipelined::new(&items, |i| calls.call(i, Duration::from_millis(2)));
         let mut got = Vec::new();
         while let Some(r) = p.next().await {
             got.push(r.unwrap());
@@ -150,13 +169,13 @@ mod tests {
     async fn the_next_calls_go_out_while_a_result_is_handled() {
         let calls = Calls::default();
         let items: Vec<usize> = (0..20).collect();
-        let mut p = Pipelined::new(&items, |i| calls.call(i));
+        let mut p = Pipelined::new(&items, |i| calls.call(i, Duration::ZERO));
         assert_eq!(p.next().await, Some(Ok(0)));
-        // While item 0 is handled (slowly), the calls go on: each that returns makes
-        // room for the next, up to IN_FLIGHT + WAITING results not yet taken.
+        // While item 0 is handled, the calls go on: each that returns makes room for
+        // the next, up to IN_FLIGHT + WAITING results not yet taken.
         let seen = p
             .alongside(async {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 calls.sent.load(Ordering::SeqCst)
             })
             .await;
@@ -167,10 +186,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn slow_handling_sends_no_more_calls() {
+        let calls = Calls::default();
+        let items: Vec<usize> = (0..20).collect();
+        // Item 0 comes at once, the others after 100 ms: well past SEND_WHILE.
+        let took = |i: &usize| Duration::from_millis(if *i == 0 { 0 } else { 100 });
+        let mut p = Pipelined::new(&items, |i| calls.call(i, took(i)));
+        assert_eq!(p.next().await, Some(Ok(0)));
+        let seen = p
+            .alongside(async {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                calls.sent.load(Ordering::SeqCst)
+            })
+            .await;
+        // Those sent before the handling began, no more (their replies came meanwhile).
+        assert_eq!(seen, 1 + IN_FLIGHT);
+        assert_eq!(p.next().await, Some(Ok(10)));
+    }
+
+    #[tokio::test]
     async fn a_failed_call_is_given_in_its_turn() {
         let calls = Calls::default();
         let items: Vec<usize> = (10..20).collect();
-        let mut p = Pipelined::new(&items, |i| calls.call(i));
+        let mut p = Pipelined::new(&items, |i| calls.call(i, Duration::from_millis(2)));
         let mut got = Vec::new();
         while let Some(r) = p.next().await {
             match r {
