@@ -105,7 +105,7 @@ end
 -- Appends the string v to the token list `out`.
 local function put(out, v)
   local n = #out
-  out[n + 1] = lens()[#v]
+  out[n + 1] = (LEN or lens())[#v]
   out[n + 2] = v
 end
 
