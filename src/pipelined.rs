@@ -10,20 +10,26 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// How many calls are in Redis's queue at once (sent, no reply yet), and how many
-/// results may wait for their turn besides. Two queued calls cover the round trip
-/// between a reply and the next request.
+// Tokio's clock, which the tests pause.
+use tokio::time::Instant;
+
+/// How many calls are in Redis's queue at once (sent, no reply yet). Two cover the
+/// round trip between a reply and the next request.
 pub(crate) const IN_FLIGHT: usize = 2;
+/// How many more results may wait for their turn while the results are handled
+/// quickly (see [`SEND_WHILE`]).
 const WAITING: usize = 2;
 
-/// New calls go out while a result is handled only for this long. A call ahead
-/// claims slots or marks them stopping, and their callbacks wait for the handling of
-/// the results before it: with slow callbacks (a sweep chunk's `stop_callback`s
-/// taking seconds), sending more would start the slots' clocks long before their
-/// callbacks run (a stopping slot is reclaimed by another replica once its
-/// `reclaim` passes). So at most [`IN_FLIGHT`] calls run ahead of slow handling.
+/// How long the handling of a result may take and still count as quick. A call sent
+/// ahead claims slots or marks them stopping, so their clocks (deadline, `reclaim`)
+/// start before their callbacks run: with slow callbacks (a sweep chunk's
+/// `stop_callback`s taking seconds), calls sent far ahead would start them long
+/// before (and a stopping slot is reclaimed by another replica once its `reclaim`
+/// passes). So new calls go out during a handling only in its first `SEND_WHILE`,
+/// and [`WAITING`] more results may wait only after a quick handling: once the
+/// handling is slow, at most [`IN_FLIGHT`] calls run ahead of it.
 const SEND_WHILE: Duration = Duration::from_millis(10);
 
 /// A call in flight, or its result once it came.
@@ -40,6 +46,8 @@ pub(crate) struct Pipelined<'a, I, F: Future, C> {
     call: C,
     sent: usize,
     calls: VecDeque<InFlight<F>>,
+    /// Whether the last handling was quick (none was yet: not).
+    quick: bool,
 }
 
 impl<'a, I, F: Future, C: Fn(&'a I) -> F> Pipelined<'a, I, F, C> {
@@ -50,6 +58,7 @@ impl<'a, I, F: Future, C: Fn(&'a I) -> F> Pipelined<'a, I, F, C> {
             call,
             sent: 0,
             calls: VecDeque::with_capacity(IN_FLIGHT + WAITING),
+            quick: false,
         }
     }
 
@@ -63,16 +72,18 @@ impl<'a, I, F: Future, C: Fn(&'a I) -> F> Pipelined<'a, I, F, C> {
     pub(crate) async fn alongside<T>(&mut self, work: impl Future<Output = T>) -> T {
         let mut work = pin!(work);
         let since = Instant::now();
-        poll_fn(|cx| {
+        let out = poll_fn(|cx| {
             self.pump(cx, since.elapsed() < SEND_WHILE);
             work.as_mut().poll(cx)
         })
-        .await
+        .await;
+        self.quick = since.elapsed() < SEND_WHILE;
+        out
     }
 
     /// Drives every call, and (if `send`) sends the next ones while fewer than
-    /// [`IN_FLIGHT`] wait for a reply (and fewer than [`IN_FLIGHT`] + [`WAITING`] for
-    /// their turn).
+    /// [`IN_FLIGHT`] wait for a reply, and fewer than [`IN_FLIGHT`] (+ [`WAITING`]
+    /// after a quick handling) for their turn.
     fn pump(&mut self, cx: &mut Context<'_>, send: bool) {
         let mut running = 0;
         for c in self.calls.iter_mut() {
@@ -83,11 +94,12 @@ impl<'a, I, F: Future, C: Fn(&'a I) -> F> Pipelined<'a, I, F, C> {
                 }
             }
         }
-        while send
-            && running < IN_FLIGHT
-            && self.calls.len() < IN_FLIGHT + WAITING
-            && self.sent < self.items.len()
-        {
+        let room = if self.quick {
+            IN_FLIGHT + WAITING
+        } else {
+            IN_FLIGHT
+        };
+        while send && running < IN_FLIGHT && self.calls.len() < room && self.sent < self.items.len() {
             let mut f = Box::pin((self.call)(&self.items[self.sent]));
             self.sent += 1;
             // Polled at once, so that its request goes out now.
@@ -152,7 +164,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn results_come_in_order_with_a_few_calls_in_flight() {
         let calls = Calls::default();
         let items: Vec<usize> = (0..12).collect();
@@ -165,46 +177,64 @@ mod tests {
         assert_eq!(calls.most_running.load(Ordering::SeqCst), IN_FLIGHT);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_next_calls_go_out_while_a_result_is_handled() {
         let calls = Calls::default();
         let items: Vec<usize> = (0..20).collect();
         let mut p = Pipelined::new(&items, |i| calls.call(i, Duration::ZERO));
         assert_eq!(p.next().await, Some(Ok(0)));
-        // While item 0 is handled, the calls go on: each that returns makes room for
-        // the next, up to IN_FLIGHT + WAITING results not yet taken.
+        p.alongside(async {}).await;
+        assert_eq!(p.next().await, Some(Ok(10)));
+        // After a quick handling, while item 1 is handled the calls go on: each that
+        // returns makes room for the next, up to IN_FLIGHT + WAITING results not yet
+        // taken, all sent in the handling's first SEND_WHILE.
         let seen = p
             .alongside(async {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 calls.sent.load(Ordering::SeqCst)
             })
             .await;
-        assert_eq!(seen, 1 + IN_FLIGHT + WAITING);
-        for want in 1..=(IN_FLIGHT + WAITING) {
+        assert_eq!(seen, 2 + IN_FLIGHT + WAITING);
+        for want in 2..2 + IN_FLIGHT + WAITING {
             assert_eq!(p.next().await, Some(Ok(want * 10)));
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn slow_handling_sends_no_more_calls() {
         let calls = Calls::default();
         let items: Vec<usize> = (0..20).collect();
-        // Item 0 comes at once, the others after 100 ms: well past SEND_WHILE.
-        let took = |i: &usize| Duration::from_millis(if *i == 0 { 0 } else { 100 });
+        // Item 0 at once, the others after 30 ms (paused time: exactly).
+        let took = |i: &usize| Duration::from_millis(if *i == 0 { 0 } else { 30 });
         let mut p = Pipelined::new(&items, |i| calls.call(i, took(i)));
         assert_eq!(p.next().await, Some(Ok(0)));
-        let seen = p
-            .alongside(async {
-                tokio::time::sleep(Duration::from_millis(400)).await;
-                calls.sent.load(Ordering::SeqCst)
-            })
-            .await;
-        // Those sent before the handling began, no more (their replies came meanwhile).
-        assert_eq!(seen, 1 + IN_FLIGHT);
+        p.alongside(async {}).await;
+        // Items 1 and 2 return at 30 ms; 3 and 4 go out then, and return at 60 ms.
         assert_eq!(p.next().await, Some(Ok(10)));
+        assert_eq!(calls.sent.load(Ordering::SeqCst), 5);
+        // A slow handling: 3 and 4 return during it, past its first SEND_WHILE, so
+        // nothing more goes out.
+        p.alongside(tokio::time::sleep(Duration::from_millis(100))).await;
+        assert_eq!(calls.sent.load(Ordering::SeqCst), 5);
+        // After it, only IN_FLIGHT run ahead of the handling: 2 is taken, 3 and 4
+        // wait, and no call goes out.
+        assert_eq!(p.next().await, Some(Ok(20)));
+        assert_eq!(calls.sent.load(Ordering::SeqCst), 5);
+        assert_eq!(p.next().await, Some(Ok(30)));
+        assert_eq!(calls.sent.load(Ordering::SeqCst), 6);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
+    async fn slow_handling_from_the_start_has_only_in_flight_calls_ahead() {
+        let calls = Calls::default();
+        let items: Vec<usize> = (0..20).collect();
+        let mut p = Pipelined::new(&items, |i| calls.call(i, Duration::ZERO));
+        assert_eq!(p.next().await, Some(Ok(0)));
+        p.alongside(tokio::time::sleep(Duration::from_millis(50))).await;
+        assert_eq!(calls.sent.load(Ordering::SeqCst), 1 + IN_FLIGHT);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_failed_call_is_given_in_its_turn() {
         let calls = Calls::default();
         let items: Vec<usize> = (10..20).collect();
