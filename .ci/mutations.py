@@ -16,7 +16,7 @@ M = [
  ("M9 sweep leaves slot busy", "lua/sweep.lua", "    redis.call('HSET', key, 'stopping', 'timeout', 'reclaim', reclaim)\n", ""),
  ("M10 slot type unchecked", "lua/common.lua", "local r = redis.pcall('HMGET', key, 'task',", "local r = redis.call('HMGET', key, 'task',"),
  ("M12 stopping slots never reclaimed", "lua/sweep.lua", "elseif s.state == 'stopping' and s.reclaim <= now then", "elseif false then"),
- ("M13 claim skips lease counter check", "lua/claim.lua", "if last_lease and strict_int(last_lease) == nil then", "if false then"),
+ ("M13 claim skips lease counter check", "lua/claim.lua", "if last_lease and last == nil then", "if false then"),
  ("M14 keepalive ignores lease", "lua/keepalive.lua", "if want_lease and want_lease ~= '' and lease ~= strict_int(want_lease) then", "if false then"),
  ("M15 release ignores lease", "lua/release.lua", "if want_lease and want_lease ~= '' and lease ~= strict_int(want_lease) then", "if false then"),
  ("M16 reclaim skips callbacks", "lua/sweep.lua", "    redis.call('HSET', key, 'reclaim', reclaim)\n    set_time(j, id, reclaim)\n    put(out, 'R')", "    make_idle(key, id, KEYS[2], KEYS[3 + n + j])\n    times[j][id] = nil\n    put(out, 'R')"),

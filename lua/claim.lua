@@ -55,10 +55,11 @@ if epoch[2] ~= ARGV[2] then
   return redis.error_reply('ERR claim: task_buckets is ' .. tostring(epoch[2]) .. ', not ' .. ARGV[2])
 end
 local last_lease = read_checked('string', 'GET', lease_key)
-if last_lease and strict_int(last_lease) == nil then
+local last = last_lease and strict_int(last_lease)
+if last_lease and last == nil then
   corrupt(lease_key, 'holds a non-number')
 end
-if last_lease and strict_int(last_lease) + n > MAX_INT then
+if last and last + n > MAX_INT then
   -- The next lease would not be readable back: refuse before writing anything.
   corrupt(lease_key, 'is exhausted (' .. last_lease .. ')')
 end
@@ -87,7 +88,7 @@ put(out, now_s)
 local taken = {}
 -- Writes to the shared keys are gathered and sent once at the end. Numbers become
 -- strings once (a Lua number passed to redis.call is formatted each time).
-local lease = strict_int(last_lease or '0')
+local lease = last
 if not last_lease then
   lease = now * 100
 end
