@@ -176,3 +176,71 @@ async fn stale_task_in_a_batch_does_not_refuse_the_others() {
     assert_eq!(a.ledger().starts["T"], 1);
     assert_eq!(b.ledger().starts.get("T"), None);
 }
+
+#[tokio::test]
+/// Many chunks in flight at once (claims of 200, sweeps of 100 slots or more): every
+/// claim's outcome goes to its own task, and the sweep times out each hold once, the
+/// one Redis has, with its callbacks, then refills every slot.
+async fn many_chunks_in_flight_keep_each_hold_whole() {
+    const N: usize = 900;
+    let name = unique_name("manychunks");
+    let fake = batching("Jobs", tasks("t", 2 * N));
+    let s = builder(&name, &fake, N, Duration::from_millis(1500))
+        .build()
+        .await
+        .unwrap();
+    let filled = s.schedule().await.unwrap();
+    assert!(filled.errors.is_empty(), "{:?}", filled.errors);
+    let mut started: Vec<_> = filled
+        .started
+        .iter()
+        .map(|t| (t.slot_id.clone(), t.task_id.clone(), t.lease))
+        .collect();
+    // Slot i (config order) got the i-th task polled, under strictly rising leases.
+    for (i, (slot, task, _)) in started.iter().enumerate() {
+        assert_eq!(
+            (slot.as_str(), task.as_str()),
+            (&*(i + 1).to_string(), &*format!("t{i}"))
+        );
+    }
+    assert!(filled.started.windows(2).all(|w| w[0].lease < w[1].lease));
+    // Redis agrees, lease by lease.
+    let mut in_redis: Vec<_> = s
+        .inspect()
+        .await
+        .unwrap()
+        .slots
+        .into_iter()
+        .map(|i| {
+            (
+                i.slot_id,
+                i.task_id.unwrap_or_default(),
+                i.lease.unwrap_or_default(),
+            )
+        })
+        .collect();
+    in_redis.sort();
+    started.sort();
+    assert_eq!(in_redis, started);
+
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    let swept = s.schedule().await.unwrap();
+    assert!(swept.errors.is_empty(), "{:?}", swept.errors);
+    let mut timed_out: Vec<_> = swept
+        .timed_out
+        .iter()
+        .map(|t| (t.slot_id.clone(), t.task_id.clone(), t.lease))
+        .collect();
+    timed_out.sort();
+    assert_eq!(timed_out, started);
+    assert_eq!(swept.started.len(), N);
+    let ledger = fake.ledger();
+    for i in 0..N {
+        assert_eq!(
+            ledger.events_of(&format!("t{i}")),
+            ["start", "timeout", "stop"],
+            "t{i}"
+        );
+        assert_eq!(ledger.events_of(&format!("t{}", N + i)), ["start"], "t{}", N + i);
+    }
+}
