@@ -10,14 +10,15 @@ use crate::bench::Endless;
 use crate::redis_server::ThrowawayRedis;
 use crate::{error_chain, number, parse_flags};
 
-/// Reads `--slots N [--poll-many] [--sweep]`, then: build a scheduler of N slots,
-/// fill them (slot by slot, or with `poll_many`), and with `--sweep` let every slot
-/// expire and run the tick that sweeps and refills them. Prints each step's time.
+/// Reads `--slots N [--poll-many] [--keepalive] [--sweep]`, then: build a scheduler
+/// of N slots, fill them (slot by slot, or with `poll_many`), with `--keepalive` send
+/// one keepalive per task, and with `--sweep` let every slot expire and run the tick
+/// that sweeps and refills them. Prints each step's time.
 pub(crate) async fn workload(args: &[String]) -> Result<(), String> {
-    let flags = parse_flags(args, &["poll-many", "sweep"])?;
+    let flags = parse_flags(args, &["poll-many", "keepalive", "sweep"])?;
     if let Some(unknown) = flags
         .keys()
-        .find(|k| !["slots", "poll-many", "sweep"].contains(&k.as_str()))
+        .find(|k| !["slots", "poll-many", "keepalive", "sweep"].contains(&k.as_str()))
     {
         return Err(format!("workload has no option --{unknown}"));
     }
@@ -31,7 +32,13 @@ pub(crate) async fn workload(args: &[String]) -> Result<(), String> {
         }
     };
     let fail = |e: task_semaphore::Error| error_chain(&e);
-    let timeout = Duration::from_secs(1) + Duration::from_micros(200 * n as u64);
+    // Short enough to wait for with --sweep; without it, long enough for the
+    // keepalives to come before the deadlines even under callgrind.
+    let timeout = if flags.contains_key("sweep") {
+        Duration::from_secs(1) + Duration::from_micros(200 * n as u64)
+    } else {
+        Duration::from_secs(3600)
+    };
     let name = format!("workload-{}", std::process::id());
     // The bench's endless backlog: a new task id at every poll.
     let feed = if batch {
@@ -54,6 +61,17 @@ pub(crate) async fn workload(args: &[String]) -> Result<(), String> {
         filled.started.len(),
         t.elapsed().as_secs_f64() * 1000.0
     );
+    if flags.contains_key("keepalive") {
+        let t = Instant::now();
+        for held in &filled.started {
+            scheduler.keepalive(&held.task_id).await.map_err(fail)?;
+        }
+        println!(
+            "keepalive: {} tasks one by one, {:.1} ms",
+            filled.started.len(),
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+    }
     if flags.contains_key("sweep") {
         tokio::time::sleep(timeout + Duration::from_millis(100)).await;
         let t = Instant::now();

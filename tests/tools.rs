@@ -1,0 +1,43 @@
+//! The measuring tools of the `task-semaphore` binary: `workload` (what `make
+//! script-cost` runs) does the work it names, against the test Redis.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::process::Command;
+
+/// Runs `task-semaphore workload` with `args` against the test Redis.
+fn workload(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_task-semaphore"))
+        .arg("workload")
+        .args(args)
+        .env("REDIS_URL", common::redis_url())
+        .output()
+        .unwrap()
+}
+
+#[test]
+/// Each step prints what it did: the fill started every slot, every task got its
+/// keepalive, the sweep timed out and refilled every slot.
+fn workload_does_each_step_it_names() {
+    let out = workload(&["--slots", "40", "--poll-many", "--keepalive"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("fill (poll_many): 40 started"), "{text}");
+    assert!(text.contains("keepalive: 40 tasks one by one"), "{text}");
+
+    let out = workload(&["--slots", "30", "--sweep"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("fill (slot by slot): 30 started"), "{text}");
+    assert!(text.contains("sweep + refill: 30 timed out, 30 started"), "{text}");
+}
+
+#[test]
+/// An option it does not know is an error, not ignored.
+fn workload_refuses_unknown_options() {
+    let out = workload(&["--slots", "5", "--keep-alive"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--keep-alive"), "{err}");
+}
