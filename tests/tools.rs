@@ -22,15 +22,26 @@ fn workload(args: &[&str]) -> std::process::Output {
 fn workload_does_each_step_it_names() {
     let out = workload(&["--slots", "40", "--poll-many", "--keepalive"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("fill (poll_many): 40 started"), "{text}");
     assert!(text.contains("keepalive: 40 tasks one by one"), "{text}");
 
     let out = workload(&["--slots", "30", "--sweep"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("fill (slot by slot): 30 started"), "{text}");
-    assert!(text.contains("sweep + refill: 30 timed out, 30 started"), "{text}");
+    assert!(
+        text.contains("sweep + refill: 30 timed out, 30 started"),
+        "{text}"
+    );
 }
 
 #[test]
