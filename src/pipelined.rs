@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 /// How many calls are in Redis's queue at once (sent, no reply yet). Two cover the
 /// round trip between a reply and the next request.
-pub(crate) const IN_FLIGHT: usize = 2;
+const IN_FLIGHT: usize = 2;
 /// How many more results may wait for their turn while the results are handled
 /// quickly (see [`SEND_WHILE`]).
 const WAITING: usize = 2;
