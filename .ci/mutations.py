@@ -19,7 +19,7 @@ M = [
  ("M13 claim skips lease counter check", "lua/claim.lua", "if last_lease and last == nil then", "if false then"),
  ("M14 keepalive ignores lease", "lua/keepalive.lua", "if want_lease and want_lease ~= '' and lease ~= strict_int(want_lease) then", "if false then"),
  ("M15 release ignores lease", "lua/release.lua", "if want_lease and want_lease ~= '' and lease ~= strict_int(want_lease) then", "if false then"),
- ("M16 reclaim skips callbacks", "lua/sweep.lua", "    redis.call('HSET', key, 'reclaim', reclaim)\n    set_time(j, id, reclaim)\n    put(out, 'R')", "    make_idle(key, id, KEYS[2], KEYS[3 + n + j])\n    times[j][id] = nil\n    put(out, 'R')"),
+ ("M16 reclaim skips callbacks", "lua/sweep.lua", "    redis.call('HSET', key, 'reclaim', reclaim)\n    set_time(j, id, reclaim, now + s.timeout)\n    put(out, 'R')", "    make_idle(key, id, KEYS[2], KEYS[3 + n + j])\n    times[j][id] = nil\n    put(out, 'R')"),
  ("M17 claim ignores quarantine", "lua/claim.lua", "if now < quarantine then", "if false then"),
  ("M18 epoch change unnoticed", "lua/epoch.lua", "elseif seen ~= '' and current ~= seen then", "elseif false then"),
  ("M19 lease counter not time-based", "lua/claim.lua", "  lease = now * 100\n", "  lease = 0\n"),

@@ -60,17 +60,18 @@ for i = 1, n do
   end
 end
 
--- Group writes are gathered per group and sent once each at the end.
+-- Group writes are gathered per group and sent once each at the end. `at_s` is the
+-- time as written, `at` the same as a number (the caller has both: no parsing back).
 local set_in, drop_in = {}, {}
-local function set_time(j, id, at)
+local function set_time(j, id, at_s, at)
   local w = set_in[j]
   if not w then
     w = {}
     set_in[j] = w
   end
   w[#w + 1] = id
-  w[#w + 1] = at
-  times[j][id] = tonumber(at)
+  w[#w + 1] = at_s
+  times[j][id] = at
 end
 local ended = {}
 local out = {}
@@ -95,7 +96,7 @@ for i = 1, n do
   elseif s.state == 'busy' and s.due <= now then
     local reclaim = reclaim_at(s.timeout)
     redis.call('HSET', key, 'stopping', 'timeout', 'reclaim', reclaim)
-    set_time(j, id, reclaim)
+    set_time(j, id, reclaim, now + s.timeout)
     ended[#ended + 1] = now_s
     ended[#ended + 1] = s.task
     put(out, 'T')
@@ -105,7 +106,7 @@ for i = 1, n do
   elseif s.state == 'stopping' and s.reclaim <= now then
     local reclaim = reclaim_at(s.timeout)
     redis.call('HSET', key, 'reclaim', reclaim)
-    set_time(j, id, reclaim)
+    set_time(j, id, reclaim, now + s.timeout)
     put(out, 'R')
     put(out, s.task)
     put(out, s.backend)
@@ -115,7 +116,7 @@ for i = 1, n do
     -- Not due (a keepalive came first): its group's time is the slot's own.
     local at = s.state == 'busy' and s.due or s.reclaim
     if t[id] ~= at then
-      set_time(j, id, int_s(at))
+      set_time(j, id, int_s(at), at)
     end
     put(out, '-')
   end
