@@ -39,12 +39,14 @@ enum InFlight<F: Future> {
 }
 
 /// The calls of a chunked job, sent in order and taken in order: `next` gives each
-/// call's result, and `alongside` runs the caller's handling of it while the calls
+/// item with its call's result, and `alongside` runs the caller's handling of it while the calls
 /// keep going (and the next ones go out).
 pub(crate) struct Pipelined<'a, I, F: Future, C> {
     items: &'a [I],
     call: C,
     sent: usize,
+    /// Results taken so far (the item of the front call is `items[taken]`).
+    taken: usize,
     calls: VecDeque<InFlight<F>>,
     /// Whether the last handling was quick (none was yet: not).
     quick: bool,
@@ -57,13 +59,15 @@ impl<'a, I, F: Future, C: Fn(&'a I) -> F> Pipelined<'a, I, F, C> {
             items,
             call,
             sent: 0,
+            taken: 0,
             calls: VecDeque::with_capacity(IN_FLIGHT + WAITING),
             quick: false,
         }
     }
 
-    /// The next call's result, in item order, once it came; None after the last.
-    pub(crate) async fn next(&mut self) -> Option<F::Output> {
+    /// The next item and its call's result, in item order, once it came; None after
+    /// the last.
+    pub(crate) async fn next(&mut self) -> Option<(&'a I, F::Output)> {
         poll_fn(|cx| self.poll_next(cx)).await
     }
 
@@ -113,7 +117,7 @@ impl<'a, I, F: Future, C: Fn(&'a I) -> F> Pipelined<'a, I, F, C> {
         }
     }
 
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<F::Output>> {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<(&'a I, F::Output)>> {
         self.pump(cx, true);
         match self.calls.front_mut() {
             None => Poll::Ready(None),
@@ -121,9 +125,11 @@ impl<'a, I, F: Future, C: Fn(&'a I) -> F> Pipelined<'a, I, F, C> {
             Some(InFlight::Done(out)) => {
                 let out = out.take();
                 self.calls.pop_front();
+                let item = &self.items[self.taken];
+                self.taken += 1;
                 // Its place is free: the next call goes out at once.
                 self.pump(cx, true);
-                Poll::Ready(out)
+                Poll::Ready(out.map(|out| (item, out)))
             }
         }
     }
@@ -170,8 +176,11 @@ mod tests {
         let items: Vec<usize> = (0..12).collect();
         let mut p = Pipelined::new(&items, |i| calls.call(i, Duration::from_millis(2)));
         let mut got = Vec::new();
-        while let Some(r) = p.next().await {
-            got.push(r.unwrap());
+        while let Some((item, r)) = p.next().await {
+            let r = r.unwrap();
+            // Each result comes with its own item.
+            assert_eq!(r, item * 10);
+            got.push(r);
         }
         assert_eq!(got, (0..12).map(|i| i * 10).collect::<Vec<_>>());
         assert_eq!(calls.most_running.load(Ordering::SeqCst), IN_FLIGHT);
@@ -182,9 +191,9 @@ mod tests {
         let calls = Calls::default();
         let items: Vec<usize> = (0..20).collect();
         let mut p = Pipelined::new(&items, |i| calls.call(i, Duration::ZERO));
-        assert_eq!(p.next().await, Some(Ok(0)));
+        assert_eq!(p.next().await.map(|(_, r)| r), Some(Ok(0)));
         p.alongside(async {}).await;
-        assert_eq!(p.next().await, Some(Ok(10)));
+        assert_eq!(p.next().await.map(|(_, r)| r), Some(Ok(10)));
         // After a quick handling, while item 1 is handled the calls go on: each that
         // returns makes room for the next, up to IN_FLIGHT + WAITING results not yet
         // taken, all sent in the handling's first SEND_WHILE.
@@ -196,7 +205,7 @@ mod tests {
             .await;
         assert_eq!(seen, 2 + IN_FLIGHT + WAITING);
         for want in 2..2 + IN_FLIGHT + WAITING {
-            assert_eq!(p.next().await, Some(Ok(want * 10)));
+            assert_eq!(p.next().await.map(|(_, r)| r), Some(Ok(want * 10)));
         }
     }
 
@@ -207,10 +216,10 @@ mod tests {
         // Item 0 at once, the others after 30 ms (paused time: exactly).
         let took = |i: &usize| Duration::from_millis(if *i == 0 { 0 } else { 30 });
         let mut p = Pipelined::new(&items, |i| calls.call(i, took(i)));
-        assert_eq!(p.next().await, Some(Ok(0)));
+        assert_eq!(p.next().await.map(|(_, r)| r), Some(Ok(0)));
         p.alongside(async {}).await;
         // Items 1 and 2 return at 30 ms; 3 and 4 go out then, and return at 60 ms.
-        assert_eq!(p.next().await, Some(Ok(10)));
+        assert_eq!(p.next().await.map(|(_, r)| r), Some(Ok(10)));
         assert_eq!(calls.sent.load(Ordering::SeqCst), 5);
         // A slow handling: 3 and 4 return during it, past its first SEND_WHILE, so
         // nothing more goes out.
@@ -218,9 +227,9 @@ mod tests {
         assert_eq!(calls.sent.load(Ordering::SeqCst), 5);
         // After it, only IN_FLIGHT run ahead of the handling: 2 is taken, 3 and 4
         // wait, and no call goes out.
-        assert_eq!(p.next().await, Some(Ok(20)));
+        assert_eq!(p.next().await.map(|(_, r)| r), Some(Ok(20)));
         assert_eq!(calls.sent.load(Ordering::SeqCst), 5);
-        assert_eq!(p.next().await, Some(Ok(30)));
+        assert_eq!(p.next().await.map(|(_, r)| r), Some(Ok(30)));
         assert_eq!(calls.sent.load(Ordering::SeqCst), 6);
     }
 
@@ -229,7 +238,7 @@ mod tests {
         let calls = Calls::default();
         let items: Vec<usize> = (0..20).collect();
         let mut p = Pipelined::new(&items, |i| calls.call(i, Duration::ZERO));
-        assert_eq!(p.next().await, Some(Ok(0)));
+        assert_eq!(p.next().await.map(|(_, r)| r), Some(Ok(0)));
         p.alongside(tokio::time::sleep(Duration::from_millis(50))).await;
         assert_eq!(calls.sent.load(Ordering::SeqCst), 1 + IN_FLIGHT);
     }
@@ -240,7 +249,7 @@ mod tests {
         let items: Vec<usize> = (10..20).collect();
         let mut p = Pipelined::new(&items, |i| calls.call(i, Duration::from_millis(2)));
         let mut got = Vec::new();
-        while let Some(r) = p.next().await {
+        while let Some((_, r)) = p.next().await {
             match r {
                 Ok(v) => got.push(v),
                 Err(e) => {

@@ -1128,11 +1128,8 @@ impl Scheduler {
                 let chunks: Vec<&[(usize, usize, String)]> = claims.chunks(CLAIM_CHUNK).collect();
                 let mut claimed =
                     Pipelined::new(&chunks, |chunk| self.claim_chunk(chunk, name, polled_at_ms));
-                let mut i = 0;
-                while let Some(result) = claimed.next().await {
+                while let Some((chunk, result)) = claimed.next().await {
                     let (now_ms, outcomes) = result?;
-                    let chunk = chunks[i];
-                    i += 1;
                     clock.saw(now_ms);
                     claimed
                         .alongside(async {
@@ -1231,7 +1228,7 @@ impl Scheduler {
             let chunks = self.sweep_chunks(&tick.due, tick.now_ms).await?;
             let mut sweeps =
                 Pipelined::new(&chunks, |chunk| scripts::sweep(&inner.redis, &inner.keys, chunk));
-            while let Some(swept) = sweeps.next().await {
+            while let Some((_, swept)) = sweeps.next().await {
                 let (now_ms, items) = swept?;
                 clock.saw(now_ms);
                 let freed = sweeps
