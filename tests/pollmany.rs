@@ -191,11 +191,13 @@ async fn many_chunks_in_flight_keep_each_hold_whole() {
         .unwrap();
     let filled = s.schedule().await.unwrap();
     assert!(filled.errors.is_empty(), "{:?}", filled.errors);
-    let mut started: Vec<_> = filled
-        .started
-        .iter()
-        .map(|t| (t.slot_id.clone(), t.task_id.clone(), t.lease))
-        .collect();
+    // (slot, task, lease) of each hold in a report's list.
+    let holds = |list: &[task_semaphore::SlotTask]| -> Vec<(String, String, u64)> {
+        list.iter()
+            .map(|t| (t.slot_id.clone(), t.task_id.clone(), t.lease))
+            .collect()
+    };
+    let mut started = holds(&filled.started);
     // Slot i (config order) got the i-th task polled, under strictly rising leases.
     for (i, (slot, task, _)) in started.iter().enumerate() {
         assert_eq!(
@@ -226,11 +228,7 @@ async fn many_chunks_in_flight_keep_each_hold_whole() {
     tokio::time::sleep(Duration::from_millis(1700)).await;
     let swept = s.schedule().await.unwrap();
     assert!(swept.errors.is_empty(), "{:?}", swept.errors);
-    let mut timed_out: Vec<_> = swept
-        .timed_out
-        .iter()
-        .map(|t| (t.slot_id.clone(), t.task_id.clone(), t.lease))
-        .collect();
+    let mut timed_out = holds(&swept.timed_out);
     timed_out.sort();
     assert_eq!(timed_out, started);
     assert_eq!(swept.started.len(), N);

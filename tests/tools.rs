@@ -16,27 +16,27 @@ fn workload(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// What a successful `workload` run printed.
+fn workload_ok(args: &[&str]) -> String {
+    let out = workload(args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 #[test]
 /// Each step prints what it did: the fill started every slot, every task got its
 /// keepalive, the sweep timed out and refilled every slot.
 fn workload_does_each_step_it_names() {
-    let out = workload(&["--slots", "40", "--poll-many", "--keepalive"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = workload_ok(&["--slots", "40", "--poll-many", "--keepalive"]);
     assert!(text.contains("fill (poll_many): 40 started"), "{text}");
     assert!(text.contains("keepalive: 40 tasks one by one"), "{text}");
 
-    let out = workload(&["--slots", "30", "--sweep"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = workload_ok(&["--slots", "30", "--sweep"]);
     assert!(text.contains("fill (slot by slot): 30 started"), "{text}");
     assert!(
         text.contains("sweep + refill: 30 timed out, 30 started"),
