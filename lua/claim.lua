@@ -69,7 +69,7 @@ local ended = read_checked('zset', 'ZMSCORE', ended_key, unpack(ids))
 -- `stopping` or `lease` (read_slot's rule). Those are all a claim reads of an idle
 -- slot; any other slot (rare: the caller saw it idle) is read and checked whole.
 -- state[i] is "idle", "busy" or "stopping", or false for an unreadable slot (why[i]).
-local state, why = {}, {}
+local state, why = {}, nil
 for i = 1, n do
   local slot_key = KEYS[3 + 3 * i]
   local r = redis.pcall('HMGET', slot_key, 'timeout', 'task', 'stopping', 'lease')
@@ -77,7 +77,11 @@ for i = 1, n do
     state[i] = 'idle'
   else
     local s, bad = read_slot(slot_key)
-    state[i], why[i] = s and s.state or false, bad
+    state[i] = s and s.state or false
+    if bad then
+      why = why or {}
+      why[i] = bad
+    end
   end
 end
 
@@ -85,7 +89,8 @@ local now = now_ms()
 local now_s = int_s(now)
 local out = {}
 put(out, now_s)
-local taken = {}
+-- Slots claimed so far in this call (a slot given twice is SLOT_BUSY the 2nd time).
+local taken = n > 1 and {} or nil
 -- Writes to the shared keys are gathered and sent once at the end. Numbers become
 -- strings once (a Lua number passed to redis.call is formatted each time).
 local lease = last
@@ -93,10 +98,15 @@ if not last_lease then
   lease = now * 100
 end
 local first_lease = lease
-local not_idle, reused = {}, {}
+-- The last lease granted, as a string: the counter's new value.
+local lease_s
+local not_idle, reused = {}, nil
 -- The earliest new deadline of each group: its bound in `deadlines` is lowered to it.
-local bound, bound_at, groups = {}, {}, {}
-local deadline_of = {}
+-- lower is ZADD's arguments (bound, group, ...); group g's bound is lower[at[g]], and
+-- lower_at[at[g]] the same as a number (compared as numbers: parsing costs more).
+local lower, at_of, lower_at = {}, {}, {}
+-- The last timeout's deadline as a string (slots mostly share their timeout).
+local last_timeout, last_deadline
 for i = 1, n do
   local slot_key, bucket_key, group_key = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
   local a = 2 + 6 * (i - 1)
@@ -104,13 +114,13 @@ for i = 1, n do
   local status, deadline, at
   if now < quarantine then
     status = 'QUARANTINE'
-  elseif why[i] then
+  elseif why and why[i] then
     status = 'CORRUPT ' .. why[i]
   elseif state[i] ~= 'idle' then
     -- A busy slot is never in the idle set; if a hand edit left it there, repair that.
     not_idle[#not_idle + 1] = slot_id
     status = 'SLOT_BUSY'
-  elseif taken[slot_key] then
+  elseif taken and taken[slot_key] then
     status = 'SLOT_BUSY'
   else
     local ended_at = ended[i]
@@ -128,10 +138,11 @@ for i = 1, n do
       else
         local timeout = cached_int(ARGV[a + 4])
         at = now + timeout
-        deadline = deadline_of[timeout]
-        if not deadline then
+        if timeout == last_timeout then
+          deadline = last_deadline
+        else
           deadline = int_s(at)
-          deadline_of[timeout] = deadline
+          last_timeout, last_deadline = timeout, deadline
         end
         local w = redis.pcall('HSET', group_key, slot_id, deadline)
         if type(w) == 'table' then
@@ -146,21 +157,24 @@ for i = 1, n do
     put(out, '0')
   else
     lease = lease + 1
-    local lease_s = int_s(lease)
+    lease_s = int_s(lease)
     redis.call('HSET', slot_key, 'task', task_id, 'backend', ARGV[a + 3], 'lease', lease_s,
       'start', now_s, 'due', deadline, 'timeout', ARGV[a + 4])
-    taken[slot_key] = true
-    -- Compared as numbers (now + timeout), not as the strings (parsing costs more).
-    local b = bound_at[group]
-    if b == nil then
-      groups[#groups + 1] = group
-      bound[group], bound_at[group] = deadline, at
-    elseif at < b then
-      bound[group], bound_at[group] = deadline, at
+    if taken then
+      taken[slot_key] = true
+    end
+    local k = at_of[group]
+    if k == nil then
+      k = #lower + 1
+      at_of[group] = k
+      lower[k], lower[k + 1], lower_at[k] = deadline, group, at
+    elseif at < lower_at[k] then
+      lower[k], lower_at[k] = deadline, at
     end
     not_idle[#not_idle + 1] = slot_id
     if ended[i] then
       -- A task that ended before (re-queued) is no longer "recently ended".
+      reused = reused or {}
       reused[#reused + 1] = task_id
     end
     put(out, 'OK')
@@ -168,14 +182,9 @@ for i = 1, n do
   end
 end
 if lease ~= first_lease then
-  redis.call('SET', lease_key, int_s(lease))
-  local lower = {}
-  for _, g in ipairs(groups) do
-    lower[#lower + 1] = bound[g]
-    lower[#lower + 1] = g
-  end
+  redis.call('SET', lease_key, lease_s)
   redis.call('ZADD', deadlines_key, 'LT', unpack(lower))
-  if #reused > 0 then
+  if reused then
     redis.call('ZREM', ended_key, unpack(reused))
   end
 end

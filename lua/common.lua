@@ -86,26 +86,31 @@ end
 -- Replies that carry many values (tick, sweep, claim) are one bulk string of tokens
 -- "<byte length>:<bytes>", read by `Packed` in src/scripts.rs: for 100 slots that
 -- is about 8x cheaper, in Redis and in the client together, than nested arrays.
--- LEN[n] is "n:", made once per length per call, and only by scripts that pack (each
--- call runs this whole file: a table made here would cost every script).
+-- LEN[n] is "n:". Lengths up to 20 (numbers, statuses, short ids) come made, in one
+-- table constructor; a longer one is made once per call at its first use. LEN is made
+-- on first use, and only by scripts that pack (each call runs this whole file: a table
+-- made here would cost every script). A constructor costs less than one call of a
+-- metatable's __index (about 2,500 instructions against 4,500 per length).
 local LEN
 
 -- LEN, made on first use.
 local function lens()
   if not LEN then
-    LEN = setmetatable({}, {__index = function(t, len)
-      local s = len .. ':'
-      t[len] = s
-      return s
-    end})
+    LEN = {'1:', '2:', '3:', '4:', '5:', '6:', '7:', '8:', '9:', '10:', '11:', '12:', '13:',
+      '14:', '15:', '16:', '17:', '18:', '19:', '20:'}
   end
   return LEN
 end
 
 -- Appends the string v to the token list `out`.
 local function put(out, v)
-  local n = #out
-  out[n + 1] = (LEN or lens())[#v]
+  local len, n, k = LEN or lens(), #out, #v
+  local p = len[k]
+  if not p then
+    p = k .. ':'
+    len[k] = p
+  end
+  out[n + 1] = p
   out[n + 2] = v
 end
 
@@ -114,7 +119,13 @@ local function put_all(out, list)
   local len, n = lens(), #out
   for i = 1, #list do
     local v = list[i]
-    out[n + 1] = len[#v]
+    local k = #v
+    local p = len[k]
+    if not p then
+      p = k .. ':'
+      len[k] = p
+    end
+    out[n + 1] = p
     out[n + 2] = v
     n = n + 2
   end
