@@ -7,16 +7,18 @@
 --   polled_at_ms (Redis time of a reply received before the poll began), group id
 -- Returns  a packed reply (see `put` in common.lua): now_ms, then status_i and lease_i
 --   of each claim; lease is "0" unless OK.
--- Status per claim, taken in order (a task id given twice is TASK_BUSY the 2nd time):
+-- Status per claim, taken in order (a task id given twice is TASK_BUSY the 2nd time,
+-- a slot given twice SLOT_BUSY):
 --   OK, SLOT_BUSY, TASK_BUSY, STALE, QUARANTINE, "CORRUPT <why>" for an unreadable
 --   slot hash, "INDEX <why>" for a task bucket of another type or "GROUP <why>" for a
---   deadline group of another type (that claim only, nothing written). A foreign
---   shared key aborts the whole call, before any write, with error
---   "CORRUPT <key> ...", and a task_buckets other than the epoch's with error
---   "ERR claim: task_buckets ...".
--- A task's index entry is its claim's first write (HSETNX, which also finds a task
--- that holds a slot already), its time in the slot's group the second (undone, the
--- index entry with it, if the group is foreign data): every other check comes first.
+--   deadline group of another type. A refused claim leaves no trace, but for at most
+--   its group's bound in `deadlines`, lowered (harmless: see below). A foreign shared
+--   key aborts the whole call with nothing written, with error "CORRUPT <key> ...",
+--   and a task_buckets other than the epoch's with error "ERR claim: task_buckets ...".
+-- Every check comes before the first write but three, which are writes themselves:
+-- the type of the idle set and of `deadlines` (the call's first writes: see below),
+-- and whether the task holds a slot already (HSETNX of its index entry; a claim that
+-- fails there undoes its earlier writes, or leaves them harmless).
 -- QUARANTINE: state was lost (see epoch.lua) and no slot is granted before
 -- quarantine_until_ms. A missing lease counter starts at Redis time in ms x 100, so
 -- that leases do not repeat even when the state is lost and no replica noticed.
@@ -42,9 +44,8 @@ for i = 1, n do
   end
   ids[i] = ARGV[a + 2]
 end
--- The keys the claims read are type-checked by those reads; the others here.
-check_type(deadlines_key, 'zset')
-check_type(idle_key, 'set')
+-- The keys the claims read are type-checked by those reads; the idle set and
+-- `deadlines` by the first writes (see below).
 local epoch = read_checked('hash', 'HMGET', epoch_key, 'quarantine_until_ms', 'task_buckets')
 local quarantine = strict_int(epoch[1] or '0')
 if quarantine == nil then
@@ -87,12 +88,105 @@ end
 
 local now = now_ms()
 local now_s = int_s(now)
+-- First, without writing: each claim's refusal, or its deadline. A claim that passes
+-- these checks is a candidate: its slot leaves the idle set and its group's bound is
+-- lowered before the task is written (see below), and both are undone or harmless if
+-- the task turns out to be held already.
+-- refused[i] is claim i's refusal (the table is made at the first one): the others are
+-- candidates.
+local refused
+-- Slots claimed in this call (a slot given twice is SLOT_BUSY the 2nd time).
+local taken = n > 1 and {} or nil
+-- The candidates' slots, which leave the idle set; and busy slots, which a hand edit
+-- may have left in it (a busy slot is never in the idle set: that is repaired).
+local cands, busy = {}, nil
+-- The earliest new deadline of each group: its bound in `deadlines` is lowered to it.
+-- lower is ZADD's arguments (bound, group, ...); group g's bound is lower[k] with
+-- k = at_of[g], and lower_at[k] the same as a number (numbers compare cheaper).
+local lower, at_of, lower_at = {}, {}, {}
+-- The last timeout's deadline as a string (slots mostly share their timeout).
+local last_timeout, last_deadline
+for i = 1, n do
+  local a = 2 + 6 * (i - 1)
+  local slot_id = ARGV[a + 1]
+  local refusal
+  if now < quarantine then
+    refusal = 'QUARANTINE'
+  elseif why and why[i] then
+    refusal = 'CORRUPT ' .. why[i]
+  elseif state[i] ~= 'idle' then
+    busy = busy or {}
+    busy[#busy + 1] = slot_id
+    refusal = 'SLOT_BUSY'
+  elseif taken and taken[slot_id] then
+    refusal = 'SLOT_BUSY'
+  else
+    local ended_at = ended[i]
+    local polled_at = cached_int(ARGV[a + 5])
+    if now - polled_at > stale_after or (ended_at and tonumber(ended_at) >= polled_at) then
+      refusal = 'STALE'
+    else
+      if taken then
+        taken[slot_id] = true
+      end
+      cands[#cands + 1] = slot_id
+      local timeout = cached_int(ARGV[a + 4])
+      local t = now + timeout
+      local d = last_deadline
+      if timeout ~= last_timeout then
+        d = int_s(t)
+        last_timeout, last_deadline = timeout, d
+      end
+      local group = ARGV[a + 6]
+      local k = at_of[group]
+      if k == nil then
+        k = #lower + 1
+        at_of[group] = k
+        lower[k], lower[k + 1], lower_at[k] = d, group, t
+      elseif t < lower_at[k] then
+        lower[k], lower_at[k] = d, t
+      end
+    end
+  end
+  if refusal then
+    refused = refused or {}
+    refused[i] = refusal
+  end
+end
+
+-- The first writes, which also type-check the idle set and `deadlines` (a TYPE call
+-- each would cost as much as the write). The candidates' slots leave the idle set;
+-- then their groups' bounds are lowered, and if `deadlines` is foreign data the
+-- slots go back to the idle set: nothing is written. A bound lowered for a claim that
+-- fails below is lower than its group needs, which is harmless: a bound only has to be
+-- no later than its group's times, and the sweep that finds it due settles it.
+-- The busy slots leave the idle set after the candidates' (a foreign set has been
+-- found by then) or as the call's only write.
+if #cands > 0 then
+  local r = redis.pcall('SREM', idle_key, unpack(cands))
+  if type(r) == 'table' then
+    check_type(idle_key, 'set')
+    error(r)
+  end
+  r = redis.pcall('ZADD', deadlines_key, 'LT', unpack(lower))
+  if type(r) == 'table' then
+    redis.call('SADD', idle_key, unpack(cands))
+    check_type(deadlines_key, 'zset')
+    error(r)
+  end
+end
+if busy then
+  local r = redis.pcall('SREM', idle_key, unpack(busy))
+  if type(r) == 'table' then
+    check_type(idle_key, 'set')
+    error(r)
+  end
+end
+
 local out = {}
 put(out, now_s)
--- Slots claimed so far in this call (a slot given twice is SLOT_BUSY the 2nd time).
-local taken = n > 1 and {} or nil
--- Writes to the shared keys are gathered and sent once at the end. Numbers become
--- strings once (a Lua number passed to redis.call is formatted each time).
+-- Numbers become strings once (a Lua number passed to redis.call is formatted each
+-- time). A missing lease counter starts at Redis time in ms x 100.
 local lease = last
 if not last_lease then
   lease = now * 100
@@ -100,78 +194,50 @@ end
 local first_lease = lease
 -- The last lease granted, as a string: the counter's new value.
 local lease_s
-local not_idle, reused = {}, nil
--- The earliest new deadline of each group: its bound in `deadlines` is lowered to it.
--- lower is ZADD's arguments (bound, group, ...); group g's bound is lower[at[g]], and
--- lower_at[at[g]] the same as a number (compared as numbers: parsing costs more).
-local lower, at_of, lower_at = {}, {}, {}
--- The last timeout's deadline as a string (slots mostly share their timeout).
-local last_timeout, last_deadline
+-- Tasks that ended before and are claimed again; candidate slots whose claim failed,
+-- which go back to the idle set.
+local reused, back
 for i = 1, n do
-  local slot_key, bucket_key, group_key = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
+  local refusal = refused and refused[i]
   local a = 2 + 6 * (i - 1)
-  local slot_id, task_id, group = ARGV[a + 1], ARGV[a + 2], ARGV[a + 6]
-  local status, deadline, at
-  if now < quarantine then
-    status = 'QUARANTINE'
-  elseif why and why[i] then
-    status = 'CORRUPT ' .. why[i]
-  elseif state[i] ~= 'idle' then
-    -- A busy slot is never in the idle set; if a hand edit left it there, repair that.
-    not_idle[#not_idle + 1] = slot_id
-    status = 'SLOT_BUSY'
-  elseif taken and taken[slot_key] then
-    status = 'SLOT_BUSY'
-  else
-    local ended_at = ended[i]
-    local polled_at = cached_int(ARGV[a + 5])
-    if now - polled_at > stale_after or (ended_at and tonumber(ended_at) >= polled_at) then
-      status = 'STALE'
+  local slot_id, task_id = ARGV[a + 1], ARGV[a + 2]
+  local deadline
+  if not refusal then
+    -- The deadline made above, again (the timeout mostly is the last one).
+    local timeout = cached_int(ARGV[a + 4])
+    deadline = last_deadline
+    if timeout ~= last_timeout then
+      deadline = int_s(now + timeout)
+      last_timeout, last_deadline = timeout, deadline
+    end
+    local bucket_key, group_key = KEYS[4 + 3 * i], KEYS[5 + 3 * i]
+    -- The task's index entry, unless the task holds a slot already (a task given twice
+    -- in this call finds its own first entry).
+    local r = redis.pcall('HSETNX', bucket_key, task_id, slot_id)
+    if type(r) == 'table' then
+      refusal = 'INDEX is a ' .. redis.call('TYPE', bucket_key)['ok'] .. ', expected a hash'
+    elseif r == 0 then
+      refusal = 'TASK_BUSY'
     else
-      -- The claim's first write: the index entry, unless the task holds a slot already
-      -- (a task given twice in this call finds its own first entry).
-      local r = redis.pcall('HSETNX', bucket_key, task_id, slot_id)
-      if type(r) == 'table' then
-        status = 'INDEX is a ' .. redis.call('TYPE', bucket_key)['ok'] .. ', expected a hash'
-      elseif r == 0 then
-        status = 'TASK_BUSY'
-      else
-        local timeout = cached_int(ARGV[a + 4])
-        at = now + timeout
-        if timeout == last_timeout then
-          deadline = last_deadline
-        else
-          deadline = int_s(at)
-          last_timeout, last_deadline = timeout, deadline
-        end
-        local w = redis.pcall('HSET', group_key, slot_id, deadline)
-        if type(w) == 'table' then
-          redis.call('HDEL', bucket_key, task_id)
-          status = 'GROUP is a ' .. redis.call('TYPE', group_key)['ok'] .. ', expected a hash'
-        end
+      local w = redis.pcall('HSET', group_key, slot_id, deadline)
+      if type(w) == 'table' then
+        redis.call('HDEL', bucket_key, task_id)
+        refusal = 'GROUP is a ' .. redis.call('TYPE', group_key)['ok'] .. ', expected a hash'
       end
     end
+    if refusal then
+      back = back or {}
+      back[#back + 1] = slot_id
+    end
   end
-  if status then
-    put(out, status)
+  if refusal then
+    put(out, refusal)
     put(out, '0')
   else
     lease = lease + 1
     lease_s = int_s(lease)
-    redis.call('HSET', slot_key, 'task', task_id, 'backend', ARGV[a + 3], 'lease', lease_s,
-      'start', now_s, 'due', deadline, 'timeout', ARGV[a + 4])
-    if taken then
-      taken[slot_key] = true
-    end
-    local k = at_of[group]
-    if k == nil then
-      k = #lower + 1
-      at_of[group] = k
-      lower[k], lower[k + 1], lower_at[k] = deadline, group, at
-    elseif at < lower_at[k] then
-      lower[k], lower_at[k] = deadline, at
-    end
-    not_idle[#not_idle + 1] = slot_id
+    redis.call('HSET', KEYS[3 + 3 * i], 'task', task_id, 'backend', ARGV[a + 3], 'lease',
+      lease_s, 'start', now_s, 'due', deadline, 'timeout', ARGV[a + 4])
     if ended[i] then
       -- A task that ended before (re-queued) is no longer "recently ended".
       reused = reused or {}
@@ -181,14 +247,13 @@ for i = 1, n do
     put(out, lease_s)
   end
 end
+if back then
+  redis.call('SADD', idle_key, unpack(back))
+end
 if lease ~= first_lease then
   redis.call('SET', lease_key, lease_s)
-  redis.call('ZADD', deadlines_key, 'LT', unpack(lower))
   if reused then
     redis.call('ZREM', ended_key, unpack(reused))
   end
-end
-if #not_idle > 0 then
-  redis.call('SREM', idle_key, unpack(not_idle))
 end
 return table.concat(out)

@@ -133,6 +133,17 @@ async fn try_claim_one(
     inv.invoke_async(conn).await
 }
 
+/// The idle set's members, sorted.
+async fn idle(conn: &mut redis::aio::MultiplexedConnection, name: &str) -> Vec<String> {
+    let mut ids: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(key(name, "idle"))
+        .query_async(conn)
+        .await
+        .unwrap();
+    ids.sort();
+    ids
+}
+
 /// Redis time in ms.
 async fn now_ms(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
     let now: (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
@@ -140,9 +151,10 @@ async fn now_ms(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
 }
 
 #[tokio::test]
-/// claim.lua type-checks deadlines, idle, ended and epoch before its first write: a foreign one
-/// fails the claim naming it, with nothing written (no deadline left behind, slot 2
-/// still idle, no index entry, the lease counter as it was).
+/// claim.lua type-checks deadlines, idle, ended and epoch: a foreign one fails the claim
+/// naming it, with nothing written (no deadline left behind, slot 2 still idle and in
+/// the idle set, no index entry, the lease counter as it was). The idle set and
+/// `deadlines` are checked by the claim's first writes, undone when the second fails.
 async fn claim_with_a_foreign_deadlines_or_idle_writes_nothing() {
     for which in ["deadlines", "idle", "ended", "epoch"] {
         let (name, mut conn, _s) = setup(&format!("claimtype-{which}")).await;
@@ -159,6 +171,11 @@ async fn claim_with_a_foreign_deadlines_or_idle_writes_nothing() {
             .await
             .unwrap();
         let slot_before = slot(&mut conn, &name, "2").await;
+        let idle_before = if which == "idle" {
+            None
+        } else {
+            Some(idle(&mut conn, &name).await)
+        };
         let lease_before: Option<String> = redis::cmd("GET")
             .arg(key(&name, "lease"))
             .query_async(&mut conn)
@@ -177,6 +194,14 @@ async fn claim_with_a_foreign_deadlines_or_idle_writes_nothing() {
             .unwrap();
         assert_eq!(deadlines_after, deadlines_before, "{which}: deadlines changed");
         assert_eq!(slot(&mut conn, &name, "2").await, slot_before, "{which}");
+        if let Some(idle_before) = idle_before {
+            assert_eq!(idle_before, ["2"], "{which}");
+            assert_eq!(
+                idle(&mut conn, &name).await,
+                idle_before,
+                "{which}: idle set changed"
+            );
+        }
         let owner: Option<String> = redis::cmd("HGET")
             .arg(bucket(&name))
             .arg("b")
@@ -212,6 +237,39 @@ async fn claim_refuses_busy_slots_and_held_tasks() {
         "TASK_BUSY"
     );
     assert_eq!(state(&slot(&mut conn, &name, "2").await), "idle");
+    // Slot 2 left the idle set for the claim (its first write), and is back in it.
+    assert_eq!(idle(&mut conn, &name).await, ["2"]);
+}
+
+#[tokio::test]
+/// A claim refused after its first writes (the task holds a slot already) leaves its
+/// group's bound in `deadlines` lowered: harmless, the sweep that finds the group due
+/// with nothing due in it settles the bound back to the group's earliest time.
+async fn a_bound_lowered_by_a_refused_claim_is_settled_by_the_sweep() {
+    let (name, mut conn, s) = setup("lowered").await;
+    let bound = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut cmd = redis::cmd("ZSCORE");
+        cmd.arg(key(&name, "deadlines")).arg("0");
+        let conn = conn.clone();
+        async move {
+            let mut conn = conn;
+            let b: Option<u64> = cmd.query_async(&mut conn).await.unwrap();
+            b.unwrap()
+        }
+    };
+    let due: u64 = slot(&mut conn, &name, "1").await["due"].parse().unwrap();
+    assert_eq!(bound(&mut conn).await, due);
+    let now = now_ms(&mut conn).await;
+    // claim_one's timeout is 1 s: the bound drops to about now + 1 s.
+    assert_eq!(claim_one(&mut conn, &name, "2", "a", now).await[1], "TASK_BUSY");
+    let lowered = bound(&mut conn).await;
+    assert!(lowered < due && lowered >= now + 1000, "{lowered} vs {due}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let r = s.schedule().await.unwrap();
+    assert!(r.timed_out.is_empty() && r.errors.is_empty(), "{r:?}");
+    assert_eq!(bound(&mut conn).await, due, "the bound is settled back");
+    assert_eq!(slot(&mut conn, &name, "1").await["due"], due.to_string());
+    s.keepalive("a").await.unwrap();
 }
 
 #[tokio::test]
