@@ -28,7 +28,7 @@ M = [
  ("M22 claim's stale check reads the wrong task", "lua/claim.lua", "    local ended_at = ended[i]", "    local ended_at = ended[1]"),
  ("M23 slot read skips the check of start", "lua/common.lua", "  if not is_int(r[6]) then", "  if false then"),
  ("M24 holder fields without a task read as idle", "lua/common.lua", "    if r[2] or r[4] then", "    if r[2] then"),
- ("M25 claim takes a slot with holder fields", "lua/claim.lua", "cached_int(r[1]) and not r[2] and not r[3] and not r[4] then", "cached_int(r[1]) and not r[2] then"),
+ ("M25 claim takes a slot with holder fields", "lua/claim.lua", "cached_int(r[1])) and not r[2] and not r[3] and not r[4] then", "cached_int(r[1])) and not r[2] then"),
  ("M26 claim skips the type check of idle", "lua/claim.lua", "    check_type(idle_key, 'set')\n    error(r)\n  end\n  r = redis.pcall", "    error(r)\n  end\n  r = redis.pcall"),
  ("M27 a late detector restarts the quarantine", "lua/epoch.lua", "since = math.min(now, strict_int(fields[3] or '') or now)", "since = now"),
  ("M28 a kept timeout forgets its timeout_callback ran", "lua/timeout_done.lua", "redis.call('HSET', KEYS[1], 'stopping', 'timeout_done')", "redis.call('HSET', KEYS[1], 'stopping', 'timeout')"),

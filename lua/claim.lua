@@ -35,14 +35,30 @@ end
 -- claim would cost more than the claim's own checks): its slot hash, task bucket and
 -- group are KEYS[3 + 3i], KEYS[4 + 3i], KEYS[5 + 3i]; its slot id, task id, backend,
 -- timeout, poll time and group id ARGV[a + 1] .. ARGV[a + 6], with a = 2 + 6(i - 1).
--- The ids, for ZMSCORE, are checked here.
+-- The ids, for ZMSCORE, are checked here; a timeout or poll time the same as the
+-- previous claim's (the usual case: compared as strings, by address) is not checked
+-- again.
 local ids = {}
+local ok_ts, ok_ps
 for i = 1, n do
   local a = 2 + 6 * (i - 1)
-  if cached_int(ARGV[a + 4]) == nil or cached_int(ARGV[a + 5]) == nil or ARGV[a + 2] == '' then
+  local ts, ps, id = ARGV[a + 4], ARGV[a + 5], ARGV[a + 2]
+  if ts ~= ok_ts then
+    if cached_int(ts) == nil then
+      return redis.error_reply('ERR claim: bad arguments')
+    end
+    ok_ts = ts
+  end
+  if ps ~= ok_ps then
+    if cached_int(ps) == nil then
+      return redis.error_reply('ERR claim: bad arguments')
+    end
+    ok_ps = ps
+  end
+  if id == '' then
     return redis.error_reply('ERR claim: bad arguments')
   end
-  ids[i] = ARGV[a + 2]
+  ids[i] = id
 end
 -- The keys the claims read are type-checked by those reads; the idle set and
 -- `deadlines` by the first writes (see below).
@@ -74,7 +90,8 @@ local state, why = {}, nil
 for i = 1, n do
   local slot_key = KEYS[3 + 3 * i]
   local r = redis.pcall('HMGET', slot_key, 'timeout', 'task', 'stopping', 'lease')
-  if not r.err and cached_int(r[1]) and not r[2] and not r[3] and not r[4] then
+  -- (A timeout the same as the last one given is known to be a number.)
+  if not r.err and (r[1] == ok_ts or cached_int(r[1])) and not r[2] and not r[3] and not r[4] then
     state[i] = 'idle'
   else
     local s, bad = read_slot(slot_key)
@@ -104,8 +121,14 @@ local cands, busy = {}, nil
 -- lower is ZADD's arguments (bound, group, ...); group g's bound is lower[k] with
 -- k = at_of[g], and lower_at[k] the same as a number (numbers compare cheaper).
 local lower, at_of, lower_at = {}, {}, {}
--- The last timeout's deadline as a string (slots mostly share their timeout).
-local last_timeout, last_deadline
+-- The deadline of the last timeout (slots mostly share theirs): the timeout as given
+-- (compared as the string: Lua compares strings by their address), the deadline as a
+-- number and as a string.
+local last_ts, last_at, last_deadline
+-- How many candidates; how many entries in lower (counted, not taken with #).
+local nc, nl = 0, 0
+-- The last poll time, as given and as a number.
+local last_ps, polled_at
 for i = 1, n do
   local a = 2 + 6 * (i - 1)
   local slot_id = ARGV[a + 1]
@@ -122,25 +145,29 @@ for i = 1, n do
     refusal = 'SLOT_BUSY'
   else
     local ended_at = ended[i]
-    local polled_at = cached_int(ARGV[a + 5])
+    local ps = ARGV[a + 5]
+    if ps ~= last_ps then
+      last_ps, polled_at = ps, cached_int(ps)
+    end
     if now - polled_at > stale_after or (ended_at and tonumber(ended_at) >= polled_at) then
       refusal = 'STALE'
     else
       if taken then
         taken[slot_id] = true
       end
-      cands[#cands + 1] = slot_id
-      local timeout = cached_int(ARGV[a + 4])
-      local t = now + timeout
-      local d = last_deadline
-      if timeout ~= last_timeout then
-        d = int_s(t)
-        last_timeout, last_deadline = timeout, d
+      nc = nc + 1
+      cands[nc] = slot_id
+      local ts = ARGV[a + 4]
+      if ts ~= last_ts then
+        last_ts, last_at = ts, now + cached_int(ts)
+        last_deadline = int_s(last_at)
       end
+      local t, d = last_at, last_deadline
       local group = ARGV[a + 6]
       local k = at_of[group]
       if k == nil then
-        k = #lower + 1
+        k = nl + 1
+        nl = nl + 2
         at_of[group] = k
         lower[k], lower[k + 1], lower_at[k] = d, group, t
       elseif t < lower_at[k] then
@@ -162,7 +189,7 @@ end
 -- no later than its group's times, and the sweep that finds it due settles it.
 -- The busy slots leave the idle set after the candidates' (a foreign set has been
 -- found by then) or as the call's only write.
-if #cands > 0 then
+if nc > 0 then
   local r = redis.pcall('SREM', idle_key, unpack(cands))
   if type(r) == 'table' then
     check_type(idle_key, 'set')
@@ -204,12 +231,12 @@ for i = 1, n do
   local deadline
   if not refusal then
     -- The deadline made above, again (the timeout mostly is the last one).
-    local timeout = cached_int(ARGV[a + 4])
-    deadline = last_deadline
-    if timeout ~= last_timeout then
-      deadline = int_s(now + timeout)
-      last_timeout, last_deadline = timeout, deadline
+    local ts = ARGV[a + 4]
+    if ts ~= last_ts then
+      last_ts, last_at = ts, now + cached_int(ts)
+      last_deadline = int_s(last_at)
     end
+    deadline = last_deadline
     local bucket_key, group_key = KEYS[4 + 3 * i], KEYS[5 + 3 * i]
     -- The task's index entry, unless the task holds a slot already (a task given twice
     -- in this call finds its own first entry).
