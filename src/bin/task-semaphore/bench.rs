@@ -771,12 +771,21 @@ async fn throughput(server: &Server, s: &Settings) -> Result<(Vec<ThroughputRow>
             }
             let of = |phases: &[Phase], f: fn(&Phase) -> f64| median(phases.iter().map(f).collect());
             let (library, raw_rate) = (of(&lib, |p| p.ops_per_sec), of(&raw, |p| p.ops_per_sec));
+            // The ratio of each run's two phases, back to back, then their median: a
+            // VM whose speed drifts from one second to the next skews a pair less
+            // than it skews the ratio of the two medians.
+            let ratio = median(
+                lib.iter()
+                    .zip(&raw)
+                    .map(|(l, r)| l.ops_per_sec / r.ops_per_sec)
+                    .collect(),
+            );
             rows.push(ThroughputRow {
                 op,
                 callers,
                 library,
                 raw: raw_rate,
-                ratio: library / raw_rate,
+                ratio,
                 p50_us: of(&lib, |p| p.p50_us),
                 p99_us: of(&lib, |p| p.p99_us),
                 raw_p50_us: of(&raw, |p| p.p50_us),
