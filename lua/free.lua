@@ -29,6 +29,8 @@ for i = 1, n do
   end
 end
 local out, freed, drops, drop_keys = {}, {}, {}, {}
+-- How many slots are freed (counted, not taken with #).
+local nf = 0
 for i = 1, n do
   if freeing[i] then
     clear_holder(KEYS[3 * i - 1])
@@ -36,13 +38,16 @@ for i = 1, n do
       redis.pcall('HDEL', KEYS[3 * i], ARGV[3 * i])
     end
     -- Its group's bound in `deadlines` may stay lower: the next sweep settles it.
-    local g = KEYS[3 * i + 1]
-    if not drops[g] then
-      drops[g] = {}
+    local g, id = KEYS[3 * i + 1], ARGV[3 * i - 2]
+    local d = drops[g]
+    if not d then
+      d = {}
+      drops[g] = d
       drop_keys[#drop_keys + 1] = g
     end
-    table.insert(drops[g], ARGV[3 * i - 2])
-    freed[#freed + 1] = ARGV[3 * i - 2]
+    d[#d + 1] = id
+    nf = nf + 1
+    freed[nf] = id
     out[i] = '1'
   else
     out[i] = '0'
@@ -51,7 +56,7 @@ end
 for _, g in ipairs(drop_keys) do
   redis.pcall('HDEL', g, unpack(drops[g]))
 end
-if #freed > 0 then
+if nf > 0 then
   redis.call('SADD', KEYS[1], unpack(freed))
 end
 return table.concat(out)
