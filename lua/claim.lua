@@ -43,21 +43,11 @@ local ok_ts, ok_ps
 for i = 1, n do
   local a = 2 + 6 * (i - 1)
   local ts, ps, id = ARGV[a + 4], ARGV[a + 5], ARGV[a + 2]
-  if ts ~= ok_ts then
-    if cached_int(ts) == nil then
-      return redis.error_reply('ERR claim: bad arguments')
-    end
-    ok_ts = ts
-  end
-  if ps ~= ok_ps then
-    if cached_int(ps) == nil then
-      return redis.error_reply('ERR claim: bad arguments')
-    end
-    ok_ps = ps
-  end
-  if id == '' then
+  if (ts ~= ok_ts and cached_int(ts) == nil) or (ps ~= ok_ps and cached_int(ps) == nil)
+      or id == '' then
     return redis.error_reply('ERR claim: bad arguments')
   end
+  ok_ts, ok_ps = ts, ps
   ids[i] = id
 end
 -- The keys the claims read are type-checked by those reads; the idle set and

@@ -102,15 +102,17 @@ local function lens()
   return LEN
 end
 
+-- "k:" for a length k that LEN does not hold yet, kept in it (`len`).
+local function new_len(len, k)
+  local p = k .. ':'
+  len[k] = p
+  return p
+end
+
 -- Appends the string v to the token list `out`.
 local function put(out, v)
   local len, n, k = LEN or lens(), #out, #v
-  local p = len[k]
-  if not p then
-    p = k .. ':'
-    len[k] = p
-  end
-  out[n + 1] = p
+  out[n + 1] = len[k] or new_len(len, k)
   out[n + 2] = v
 end
 
@@ -120,12 +122,7 @@ local function put_all(out, list)
   for i = 1, #list do
     local v = list[i]
     local k = #v
-    local p = len[k]
-    if not p then
-      p = k .. ':'
-      len[k] = p
-    end
-    out[n + 1] = p
+    out[n + 1] = len[k] or new_len(len, k)
     out[n + 2] = v
     n = n + 2
   end

@@ -144,6 +144,17 @@ async fn idle(conn: &mut redis::aio::MultiplexedConnection, name: &str) -> Vec<S
     ids
 }
 
+/// The bound of group 0 (the one group of a 2-slot scheduler) in `deadlines`, ms.
+async fn bound(conn: &mut redis::aio::MultiplexedConnection, name: &str) -> u64 {
+    let b: Option<u64> = redis::cmd("ZSCORE")
+        .arg(key(name, "deadlines"))
+        .arg("0")
+        .query_async(conn)
+        .await
+        .unwrap();
+    b.unwrap()
+}
+
 /// Redis time in ms.
 async fn now_ms(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
     let now: (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
@@ -247,27 +258,17 @@ async fn claim_refuses_busy_slots_and_held_tasks() {
 /// with nothing due in it settles the bound back to the group's earliest time.
 async fn a_bound_lowered_by_a_refused_claim_is_settled_by_the_sweep() {
     let (name, mut conn, s) = setup("lowered").await;
-    let bound = |conn: &mut redis::aio::MultiplexedConnection| {
-        let mut cmd = redis::cmd("ZSCORE");
-        cmd.arg(key(&name, "deadlines")).arg("0");
-        let conn = conn.clone();
-        async move {
-            let mut conn = conn;
-            let b: Option<u64> = cmd.query_async(&mut conn).await.unwrap();
-            b.unwrap()
-        }
-    };
     let due: u64 = slot(&mut conn, &name, "1").await["due"].parse().unwrap();
-    assert_eq!(bound(&mut conn).await, due);
+    assert_eq!(bound(&mut conn, &name).await, due);
     let now = now_ms(&mut conn).await;
     // claim_one's timeout is 1 s: the bound drops to about now + 1 s.
     assert_eq!(claim_one(&mut conn, &name, "2", "a", now).await[1], "TASK_BUSY");
-    let lowered = bound(&mut conn).await;
+    let lowered = bound(&mut conn, &name).await;
     assert!(lowered < due && lowered >= now + 1000, "{lowered} vs {due}");
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let r = s.schedule().await.unwrap();
     assert!(r.timed_out.is_empty() && r.errors.is_empty(), "{r:?}");
-    assert_eq!(bound(&mut conn).await, due, "the bound is settled back");
+    assert_eq!(bound(&mut conn, &name).await, due, "the bound is settled back");
     assert_eq!(slot(&mut conn, &name, "1").await["due"], due.to_string());
     s.keepalive("a").await.unwrap();
 }
