@@ -32,7 +32,8 @@ pub enum Stage {
     Callback(Callback),
     /// A backend's `backend_error_callback` itself.
     ErrorCallback(Callback),
-    /// Claiming, sweeping or freeing a slot in Redis.
+    /// Claiming, sweeping or freeing a slot in Redis; or a key of the split indexes
+    /// (a task bucket, a deadline group) that holds foreign data, named in the message.
     Redis,
     /// A slot whose Redis hash is unreadable; it is left alone.
     CorruptSlot,

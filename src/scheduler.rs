@@ -328,7 +328,8 @@ struct Inner {
     max_lease: AtomicU64,
     /// Per backend: 0 not known yet, [`NO_BATCH`] when it has no `poll_many`.
     batching: Vec<AtomicU8>,
-    /// The last problem logged per corrupt slot (see `record_corrupt`).
+    /// The last problem logged per corrupt key: a slot hash (see `record_corrupt`) or a
+    /// group of the deadline index (see `sweep_chunks`).
     corrupt_logged: Mutex<HashMap<String, String>>,
     /// Task id -> slot id, a hint that saves the index lookup of a keepalive or stop;
     /// the scripts check it, so a stale hint costs one retry, never a wrong write.
@@ -916,15 +917,7 @@ impl Scheduler {
         message: impl fmt::Display,
     ) {
         let message = message.to_string();
-        let first = {
-            let mut logged = self
-                .inner
-                .corrupt_logged
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            logged.insert(slot_id.to_owned(), message.clone()).as_ref() != Some(&message)
-        };
-        if first {
+        if self.first_report(self.inner.keys.slot(slot_id), &message) {
             tracing::warn!(stage = ?Stage::CorruptSlot, slot_id, backend, task_id, "{message}");
         } else {
             tracing::debug!(stage = ?Stage::CorruptSlot, slot_id, backend, task_id, "{message}");
@@ -934,6 +927,40 @@ impl Scheduler {
             slot_id: Some(slot_id.to_owned()),
             backend: backend.map(str::to_owned),
             task_id: task_id.map(str::to_owned),
+            message,
+        });
+    }
+
+    /// Whether `message` is news for `key` (a corrupt key is seen again by every tick:
+    /// it is logged as a warning at its first report only, and again when it changes).
+    fn first_report(&self, key: String, message: &str) -> bool {
+        let mut logged = self
+            .inner
+            .corrupt_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        logged.insert(key, message.to_owned()).as_deref() != Some(message)
+    }
+
+    /// Reports a group of the deadline index that holds foreign data (another type, or
+    /// a field that is not UTF-8, which is left out of the sweep): the tick goes on
+    /// with the rest. Logged like a corrupt slot.
+    fn record_corrupt_group(&self, sink: &mut Vec<TickError>, key: String, detail: String) {
+        let message = Error::CorruptState {
+            key: key.clone(),
+            detail,
+        }
+        .to_string();
+        if self.first_report(key, &message) {
+            tracing::warn!(stage = ?Stage::Redis, "{message}");
+        } else {
+            tracing::debug!(stage = ?Stage::Redis, "{message}");
+        }
+        sink.push(TickError {
+            stage: Stage::Redis,
+            slot_id: None,
+            backend: None,
+            task_id: None,
             message,
         });
     }
@@ -1225,7 +1252,9 @@ impl Scheduler {
             // Pipelined: the next chunks' sweep calls run in Redis while the callbacks
             // of this one run here. (If this chunk's free fails, the next chunks'
             // slots wait for their reclaim, as after a crash.)
-            let chunks = self.sweep_chunks(&tick.due, tick.now_ms).await?;
+            let chunks = self
+                .sweep_chunks(&tick.due, tick.now_ms, &mut report.errors)
+                .await?;
             let mut sweeps =
                 Pipelined::new(&chunks, |chunk| scripts::sweep(&inner.redis, &inner.keys, chunk));
             while let Some((_, swept)) = sweeps.next().await {
@@ -1274,7 +1303,13 @@ impl Scheduler {
     /// `HGETALL`s), in sweep calls of about [`SWEEP_CHUNK`] slots, each call with the
     /// groups of its slots. A group with no due slot left (its bound was stale: a
     /// keepalive or a free came since) goes in a call too, which settles its bound.
-    async fn sweep_chunks(&self, due_groups: &[String], now_ms: u64) -> Result<Vec<SweepChunk>> {
+    /// A group that holds foreign data is left out, and reported in `errors`.
+    async fn sweep_chunks(
+        &self,
+        due_groups: &[String],
+        now_ms: u64,
+        errors: &mut Vec<TickError>,
+    ) -> Result<Vec<SweepChunk>> {
         let inner = &self.inner;
         if due_groups.is_empty() {
             return Ok(Vec::new());
@@ -1295,14 +1330,15 @@ impl Scheduler {
             inner.redis.pipeline("reading due groups", &pipe).await?;
         let mut chunks = vec![SweepChunk::default()];
         for (g, reply) in groups.into_iter().zip(replies) {
-            let key = || inner.keys.group_key(g);
-            let entries: Vec<(Vec<u8>, Vec<u8>)> = reply
-                .ok()
-                .and_then(|v| redis::from_redis_value(v).ok())
-                .ok_or_else(|| Error::CorruptState {
-                key: key(),
-                detail: "is not a hash".into(),
-            })?;
+            let key = inner.keys.group_key(g);
+            let entries: Vec<(Vec<u8>, Vec<u8>)> = match reply.map(redis::from_redis_value) {
+                Ok(Ok(entries)) => entries,
+                Ok(Err(_)) | Err(_) => {
+                    let detail = "is not a hash: its slots are not swept until it is repaired";
+                    self.record_corrupt_group(errors, key, detail.into());
+                    continue;
+                }
+            };
             let Some(chunk) = chunks.last_mut() else {
                 break;
             };
@@ -1314,10 +1350,20 @@ impl Scheduler {
                     .ok()
                     .and_then(strict_u64)
                     .is_none_or(|at| at <= now_ms);
-                if due {
-                    chunk
-                        .slots
-                        .push((scripts::utf8_in(&key(), "a field", &slot)?, index));
+                if !due {
+                    continue;
+                }
+                match String::from_utf8(slot) {
+                    Ok(slot) => chunk.slots.push((slot, index)),
+                    // Not a slot id: left alone (the group stays due, so it is reported
+                    // again) while the group's other slots are swept.
+                    Err(e) => {
+                        let detail = format!(
+                            "holds a field that is not UTF-8, left alone: {:?}",
+                            String::from_utf8_lossy(e.as_bytes())
+                        );
+                        self.record_corrupt_group(errors, key.clone(), detail);
+                    }
                 }
             }
             if chunk.slots.len() >= SWEEP_CHUNK {

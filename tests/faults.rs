@@ -720,6 +720,130 @@ async fn corrupt_tick_keys_are_corrupt_state() {
 }
 
 #[tokio::test]
+/// A due group of the deadline index that holds foreign data is reported in the tick's errors, naming it, every tick; the other groups' slots are swept as usual, its own slots are left alone, and once it is deleted a new replica's build repairs the index and they are swept.
+async fn a_foreign_due_group_is_reported_and_the_others_are_swept() {
+    let name = unique_name("foreigngroup");
+    let url = common::redis_url();
+    let n = 64;
+    let fake = Fake::with_tasks("Jobs", common::tasks("t", n));
+    let timeout = Duration::from_secs(1);
+    let s = builder(&name, &fake, n, timeout).build().await.unwrap();
+    assert_eq!(s.schedule().await.unwrap().started.len(), n);
+    let group = s.deadline_group_key("1");
+    let (inside, outside): (Vec<String>, Vec<String>) = (1..=n)
+        .map(|i| i.to_string())
+        .partition(|id| s.deadline_group_key(id) == group);
+    assert!(
+        !outside.is_empty(),
+        "{n} slots share one group: the test needs two"
+    );
+    let mut conn = raw(&url).await;
+    replace_with_string(&mut conn, &group).await;
+    tokio::time::sleep(timeout + Duration::from_millis(300)).await;
+    let reader = conn.clone();
+    let holder = |id: &String| {
+        let k = key(&name, &format!("slot:{id}"));
+        let mut conn = reader.clone();
+        async move {
+            let task: Option<String> = redis::cmd("HGET")
+                .arg(k)
+                .arg("task")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            task
+        }
+    };
+    for tick in 0..2 {
+        let r = s.schedule().await.unwrap();
+        let swept: Vec<&str> = r.timed_out.iter().map(|t| t.slot_id.as_str()).collect();
+        if tick == 0 {
+            let mut swept = swept.clone();
+            swept.sort_unstable();
+            let mut want: Vec<&str> = outside.iter().map(String::as_str).collect();
+            want.sort_unstable();
+            assert_eq!(
+                swept, want,
+                "tick {tick}: every slot of the other groups, and only those"
+            );
+        }
+        let named: Vec<_> = r.errors.iter().filter(|e| e.message.contains(&group)).collect();
+        assert_eq!(named.len(), 1, "tick {tick}: {:?}", r.errors);
+        assert_eq!(named[0].stage, Stage::Redis);
+        assert_eq!(named[0].slot_id, None);
+        for id in &inside {
+            assert!(
+                holder(id).await.is_some(),
+                "tick {tick}: slot {id} of the foreign group was touched"
+            );
+        }
+        let kept: String = redis::cmd("GET")
+            .arg(&group)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(kept, "foreign data");
+    }
+    // Repaired: a new replica's build indexes the held slots again; the next tick sweeps them.
+    let _: () = redis::cmd("DEL")
+        .arg(&group)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let s2 = builder(&name, &fake, n, timeout).build().await.unwrap();
+    let r = s2.schedule().await.unwrap();
+    let mut swept: Vec<String> = r.timed_out.iter().map(|t| t.slot_id.clone()).collect();
+    swept.sort_unstable();
+    let mut want = inside.clone();
+    want.sort_unstable();
+    assert_eq!(swept, want, "{:?}", r.errors);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+}
+
+#[tokio::test]
+/// A field of a due group that is not UTF-8 (no slot id) is left alone and reported every tick, naming the group; every slot, of that group too, is swept.
+async fn a_group_field_that_is_not_utf8_is_reported_and_left_alone() {
+    let name = unique_name("groupfield");
+    let url = common::redis_url();
+    let n = 40;
+    let fake = Fake::with_tasks("Jobs", common::tasks("t", n));
+    let timeout = Duration::from_secs(1);
+    let s = builder(&name, &fake, n, timeout).build().await.unwrap();
+    assert_eq!(s.schedule().await.unwrap().started.len(), n);
+    let group = s.deadline_group_key("1");
+    let mut conn = raw(&url).await;
+    let bad: &[u8] = b"\xff\xfe";
+    let _: () = redis::cmd("HSET")
+        .arg(&group)
+        .arg(bad)
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(timeout + Duration::from_millis(300)).await;
+    for tick in 0..2 {
+        let r = s.schedule().await.unwrap();
+        if tick == 0 {
+            assert_eq!(r.timed_out.len(), n, "{:?}", r.errors);
+        }
+        assert_eq!(r.errors.len(), 1, "tick {tick}: {:?}", r.errors);
+        let e = &r.errors[0];
+        assert!(
+            e.message.contains(&group) && e.message.contains("not UTF-8"),
+            "{e:?}"
+        );
+        assert_eq!(e.stage, Stage::Redis);
+        let left: Option<String> = redis::cmd("HGET")
+            .arg(&group)
+            .arg(bad)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(left.as_deref(), Some("1"), "tick {tick}");
+    }
+}
+
+#[tokio::test]
 /// A non-number lease counter fails every claim naming the lease key; nothing starts or is written.
 async fn corrupt_lease_counter_refuses_claims() {
     let name = unique_name("corruptlease");
