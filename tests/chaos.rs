@@ -39,6 +39,48 @@ fn chaos_check_history() {
     }
 }
 
+/// The checker flags a start report that names no slot or no lease (a broken report
+/// would otherwise hide the hold it belongs to), and not the same report whole.
+#[test]
+fn chaos_checker_flags_a_start_report_without_slot_or_lease() {
+    let params = checker::Params {
+        slots: 1,
+        timeout_ms: 60_000,
+        margin_ms: 2500,
+    };
+    let history = |start: &str| {
+        let text = [
+            r#"{"ev":"run_begin","slots":1,"timeout_ms":60000,"pid":1,"ms":1000}"#,
+            r#"{"ev":"replica_boot","pid":2,"ms":1001}"#,
+            r#"{"ev":"tick","pid":2,"ms":1002}"#,
+            r#"{"ev":"start_callback","task":"a","pid":2,"ms":1003}"#,
+            start,
+        ]
+        .join("\n");
+        let (lines, torn) = history::parse(&text, 0);
+        checker::check(&params, &lines, &torn)
+    };
+    let kinds = |r: &checker::Report| r.violations.iter().map(|v| v.kind).collect::<Vec<_>>();
+    // (A history this short breaks other rules: the run never ends.)
+    let whole = history(r#"{"ev":"start","task":"a","lease":7,"slot":"1","pid":2,"ms":1004}"#);
+    assert!(
+        !kinds(&whole).contains(&"start report without lease or slot"),
+        "{:?}",
+        whole.violations
+    );
+    for broken in [
+        r#"{"ev":"start","task":"a","lease":7,"pid":2,"ms":1004}"#,
+        r#"{"ev":"start","task":"a","slot":"1","pid":2,"ms":1004}"#,
+    ] {
+        let r = history(broken);
+        assert!(
+            kinds(&r).contains(&"start report without lease or slot"),
+            "{broken}: {:?}",
+            r.violations
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// `kill -9` of a random replica every few seconds; a fresh one takes its place.
 async fn chaos_kill_replica() {

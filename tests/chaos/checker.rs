@@ -356,7 +356,14 @@ impl<'a> Checker<'a> {
         self.out.stats.holds = self.holds.len();
         // The replica's report of the tick names lease and slot of what it started.
         for l in self.lines.iter().filter(|l| l.ev() == "start") {
+            // Every start a replica reports names both (replica.rs logs them from
+            // `SlotTask`): a line without them is a broken report, not a start to skip.
             let (Some(lease), Some(slot)) = (l.lease(), l.str("slot")) else {
+                self.violation(
+                    "start report without lease or slot",
+                    format!("task {} reported started without its lease or slot", l.task()),
+                    vec![self.raw(l.idx)],
+                );
                 continue;
             };
             let h = self.by_task.get(l.task()).and_then(|hs| {
