@@ -40,7 +40,9 @@ M = [
  ("M36 claim keeps a refused candidate's slot out of the idle set", "lua/claim.lua", "  redis.call('SADD', idle_key, unpack(back))\n", ""),
  ("M37 claim skips the type check of deadlines", "lua/claim.lua", "    check_type(deadlines_key, 'zset')\n", ""),
  ("M33 sweep settles a group's bound at its latest time", "lua/sweep.lua", "if low == nil or v < low then", "if low == nil or v > low then"),
- ("M34 sweep drops a group whose due slots it was not given", "lua/sweep.lua", "  if low then\n", "  if false then\n"),
+ ("M34 sweep drops a group whose due slots it was not given", "lua/sweep.lua", "    if low then\n", "    if false then\n"),
+ ("M38 sweep settles a group that continues in the next call", "lua/sweep.lua", "  if j ~= open then\n    local low", "  if true then\n    local low"),
+ ("M39 sweep skips the type check of a group that continues", "lua/sweep.lua", "    check_type(key, 'hash')\n  else", "  else"),
  ("M11 strict numbers off", "lua/common.lua", "find(v, '^%d+$') ~= nil", "true"),
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

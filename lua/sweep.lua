@@ -2,6 +2,10 @@
 -- KEYS[3+i] slot hash i (i = 1..n)  KEYS[3+n+j] group hash j of the deadline index
 -- ARGV[1] n  ARGV[2i] slot id i  ARGV[2i+1] which group (1..m) slot i is in
 -- ARGV[2n+1+j] the id of group j (its member in `deadlines`)
+-- ARGV[2n+m+2] "1" when group m (the last) continues in the next call (a group with
+--   more due slots than one call takes is split across calls): its times are not
+--   read here and its bound is left to the call that takes its last due slots; "0"
+--   otherwise
 -- Returns  a packed reply (see `put` in common.lua): now_ms, then one record per slot,
 --   in order: "T" task backend lease (timed out), "R" task backend lease reason
 --   (reclaimed), "C" why (corrupt), or "-" (not due: left alone).
@@ -19,10 +23,17 @@ check_type(KEYS[1], 'zset')
 check_type(KEYS[2], 'set')
 check_type(KEYS[3], 'zset')
 local n = strict_int(ARGV[1])
-if n == nil or #KEYS < 3 + n or #ARGV ~= 1 + 2 * n + (#KEYS - 3 - n) then
+if n == nil or #KEYS < 3 + n or #ARGV ~= 2 + 2 * n + (#KEYS - 3 - n) then
   return redis.error_reply('ERR sweep: bad arguments')
 end
 local m = #KEYS - 3 - n
+-- The group that continues in the next call, if any (see ARGV above).
+local open
+if ARGV[#ARGV] == '1' and m > 0 then
+  open = m
+elseif ARGV[#ARGV] ~= '0' then
+  return redis.error_reply('ERR sweep: bad arguments')
+end
 local now = now_ms()
 local now_s = int_s(now)
 -- now + timeout as a string, formatted once per distinct timeout.
@@ -36,18 +47,23 @@ local function reclaim_at(timeout)
   return r
 end
 
--- Every group's times (slot id -> ms), read and checked before any write.
+-- Every group's times (slot id -> ms), read and checked before any write; the open
+-- group's are not read, only its type checked (it is written below).
 local times = {}
 for j = 1, m do
   local key = KEYS[3 + n + j]
-  local flat = read_checked('hash', 'HGETALL', key)
   local t = {}
-  for k = 1, #flat, 2 do
-    local v = strict_int(flat[k + 1])
-    if v == nil then
-      corrupt(key, 'has a bad time for slot ' .. flat[k])
+  if j == open then
+    check_type(key, 'hash')
+  else
+    local flat = read_checked('hash', 'HGETALL', key)
+    for k = 1, #flat, 2 do
+      local v = strict_int(flat[k + 1])
+      if v == nil then
+        corrupt(key, 'has a bad time for slot ' .. flat[k])
+      end
+      t[flat[k]] = v
     end
-    t[flat[k]] = v
   end
   times[j] = t
 end
@@ -85,8 +101,9 @@ for i = 1, n do
     put(out, 'C')
     put(out, reasons[i])
   elseif s.state == 'idle' then
-    -- A stale time of an idle slot (a hand edit, or a lost reply): drop it.
-    if t[id] then
+    -- A stale time of an idle slot (a hand edit, or a lost reply): drop it (in the
+    -- open group, whose times are not read, whether it is there or not).
+    if t[id] or j == open then
       local d = drop_in[j] or {}
       drop_in[j] = d
       d[#d + 1] = id
@@ -115,7 +132,7 @@ for i = 1, n do
   else
     -- Not due (a keepalive came first): its group's time is the slot's own.
     local at = s.state == 'busy' and s.due or s.reclaim
-    if t[id] ~= at then
+    if t[id] ~= at or j == open then
       set_time(j, id, int_s(at), at)
     end
     put(out, '-')
@@ -130,18 +147,20 @@ for j = 1, m do
   if drop_in[j] then
     redis.call('HDEL', KEYS[3 + n + j], unpack(drop_in[j]))
   end
-  local low
-  for _, v in pairs(times[j]) do
-    if low == nil or v < low then
-      low = v
+  if j ~= open then
+    local low
+    for _, v in pairs(times[j]) do
+      if low == nil or v < low then
+        low = v
+      end
     end
-  end
-  local g = ARGV[2 * n + 1 + j]
-  if low then
-    bounds[#bounds + 1] = int_s(low)
-    bounds[#bounds + 1] = g
-  else
-    empty[#empty + 1] = g
+    local g = ARGV[2 * n + 1 + j]
+    if low then
+      bounds[#bounds + 1] = int_s(low)
+      bounds[#bounds + 1] = g
+    else
+      empty[#empty + 1] = g
+    end
   end
 end
 if #bounds > 0 then

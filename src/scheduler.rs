@@ -33,7 +33,10 @@ const REGISTER_CHUNK: usize = 500;
 
 /// Slots per sweep (and free) script call: 10–25 µs each inside Redis (more at
 /// 100,000 slots, where a call of 200 took up to 8.5 ms), so that no call blocks
-/// Redis for more than a few milliseconds (`make bench` measures it).
+/// Redis for more than a few milliseconds (`make bench` measures it). A group of the
+/// deadline index with more due slots is split across calls: a call of thousands of
+/// slots would hold Redis for tens of milliseconds, and past about 4,000 it fails
+/// (Lua's `unpack` takes at most 8,000 values).
 const SWEEP_CHUNK: usize = 100;
 
 /// Due groups of the deadline index one tick reads at a time (each of 16–32 slots
@@ -1300,7 +1303,7 @@ impl Scheduler {
     }
 
     /// The due slots of the due groups of the deadline index (one pipeline of
-    /// `HGETALL`s), in sweep calls of about [`SWEEP_CHUNK`] slots, each call with the
+    /// `HGETALL`s), in sweep calls of at most [`SWEEP_CHUNK`] slots, each call with the
     /// groups of its slots. A group with no due slot left (its bound was stale: a
     /// keepalive or a free came since) goes in a call too, which settles its bound.
     /// A group that holds foreign data is left out, and reported in `errors`.
@@ -1339,22 +1342,18 @@ impl Scheduler {
                     continue;
                 }
             };
-            let Some(chunk) = chunks.last_mut() else {
-                break;
-            };
-            let index = chunk.groups.len();
-            chunk.groups.push(g);
+            let mut due = Vec::new();
             for (slot, at) in entries {
                 // A time that is not a number is the script's to report (naming the group).
-                let due = std::str::from_utf8(&at)
+                let is_due = std::str::from_utf8(&at)
                     .ok()
                     .and_then(strict_u64)
                     .is_none_or(|at| at <= now_ms);
-                if !due {
+                if !is_due {
                     continue;
                 }
                 match String::from_utf8(slot) {
-                    Ok(slot) => chunk.slots.push((slot, index)),
+                    Ok(slot) => due.push(slot),
                     // Not a slot id: left alone (the group stays due, so it is reported
                     // again) while the group's other slots are swept.
                     Err(e) => {
@@ -1366,8 +1365,25 @@ impl Scheduler {
                     }
                 }
             }
-            if chunk.slots.len() >= SWEEP_CHUNK {
-                chunks.push(SweepChunk::default());
+            // Into the calls, SWEEP_CHUNK slots each: a group with more due slots than
+            // a call has room for continues in the next call, which settles its bound.
+            // (A group with none left still goes in a call, to settle its bound.)
+            let mut due = due.into_iter().peekable();
+            while let Some(chunk) = chunks.last_mut() {
+                let index = chunk.groups.len();
+                chunk.groups.push(g);
+                let room = SWEEP_CHUNK.saturating_sub(chunk.slots.len());
+                chunk
+                    .slots
+                    .extend(due.by_ref().take(room).map(|slot| (slot, index)));
+                let continues = due.peek().is_some();
+                chunk.continues = continues;
+                if chunk.slots.len() >= SWEEP_CHUNK {
+                    chunks.push(SweepChunk::default());
+                }
+                if !continues {
+                    break;
+                }
             }
         }
         chunks.retain(|c| !c.groups.is_empty());

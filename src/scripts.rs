@@ -477,10 +477,13 @@ pub(crate) enum Swept {
 /// One sweep call's work: due groups of the deadline index, and their due slots.
 #[derive(Debug, Default)]
 pub(crate) struct SweepChunk {
-    /// Group ids, each settled by the call (its bound set to its earliest time).
+    /// Group ids, each settled by the call (its bound set to its earliest time) but
+    /// the last when `continues`.
     pub(crate) groups: Vec<u64>,
     /// Due slots: the slot id, and its group's index in `groups`.
     pub(crate) slots: Vec<(String, usize)>,
+    /// The last group has more due slots, in the next call, which settles it.
+    pub(crate) continues: bool,
 }
 
 pub(crate) async fn sweep(redis: &Redis, keys: &Keys, chunk: &SweepChunk) -> Result<(u64, Vec<Swept>)> {
@@ -495,6 +498,7 @@ pub(crate) async fn sweep(redis: &Redis, keys: &Keys, chunk: &SweepChunk) -> Res
     for (key, id) in group_keys.iter().zip(&chunk.groups) {
         inv.key(key).arg(id);
     }
+    inv.arg(if chunk.continues { "1" } else { "0" });
     let value: Value = redis.eval("sweeping expired slots", &inv).await.map_err(|e| {
         let mut all = vec![keys.deadlines.as_str(), &keys.idle, &keys.ended];
         all.extend(group_keys.iter().map(String::as_str));

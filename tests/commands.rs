@@ -63,6 +63,15 @@ impl Monitor {
         panic!("MONITOR never showed {mark}");
     }
 
+    /// Runs `op`; returns it and every line MONITOR showed meanwhile.
+    async fn lines<F: std::future::Future>(&mut self, op: F) -> (F::Output, Vec<String>) {
+        let begin = self.mark().await;
+        let out = op.await;
+        let end = self.mark().await;
+        let lines = self.lines.lock().unwrap();
+        (out, lines[begin + 1..end].to_vec())
+    }
+
     /// Runs `op`; returns what it sent, as command name -> count, with the number of
     /// commands its scripts ran inside Redis under the name `(in scripts)`.
     async fn count<F: std::future::Future>(&mut self, op: F) -> (F::Output, BTreeMap<String, u64>) {
@@ -191,14 +200,82 @@ async fn commands_per_operation_with_1000_slots() {
                                                          // TIME, GET lease, HMGET epoch, N x HGETALL: one round trip.
     assert_eq!(total(&inspect), 3 + N as u64, "{inspect:?}");
     // tick + 1 pipeline of HGETALLs of the 32 due groups of the deadline index (1,000
-    // slots in 32 groups) + 9 sweep chunks (whole groups, at least 100 slots each) +
-    // 9 free chunks + N claims.
+    // slots in 32 groups) + 10 sweep chunks (100 slots each) + 10 free chunks + N
+    // claims.
     assert_eq!(sweep.get("hgetall"), Some(&32), "{sweep:?}");
-    assert_eq!(total(&sweep), 1 + 32 + 9 + 9 + N as u64, "{sweep:?}");
+    assert_eq!(total(&sweep), 1 + 32 + 10 + 10 + N as u64, "{sweep:?}");
     // 1 tick + 5 claim chunks; the refill after a sweep the same.
     assert_eq!(total(&fill_batch), 1 + 5, "{fill_batch:?}");
-    // tick + 32 HGETALLs + 9 sweep chunks + 9 free chunks + 5 claim chunks (200 slots
-    // each).
-    assert_eq!(total(&sweep_batch), 1 + 32 + 9 + 9 + 5, "{sweep_batch:?}");
+    // tick + 32 HGETALLs + 10 sweep chunks + 10 free chunks + 5 claim chunks (200
+    // slots each).
+    assert_eq!(total(&sweep_batch), 1 + 32 + 10 + 10 + 5, "{sweep_batch:?}");
     drop(server);
+}
+
+#[tokio::test]
+/// A group of the deadline index with more due slots than one sweep call takes (here
+/// every slot is in one group: the state was created by a replica with 2 slots) is
+/// swept in calls of at most 100 slots; the last settles its bound.
+async fn a_big_group_is_swept_in_calls_of_at_most_100_slots() {
+    let Some(server) = PrivateRedis::start(&[]) else {
+        eprintln!("skipped: no redis-server binary for a private server");
+        return;
+    };
+    let url = server.url();
+    let n = 250;
+    let name = unique_name("biggroup");
+    let fake = Fake::with_tasks("Jobs", tasks("t", n));
+    let timeout = Duration::from_millis(1500);
+    let small = Scheduler::builder(&name)
+        .redis_url(&url)
+        .backend(fake.clone())
+        .slot(SlotConfig::new("1", ["Jobs"]).timeout(timeout))
+        .slot(SlotConfig::new("2", ["Jobs"]).timeout(timeout))
+        .build()
+        .await
+        .unwrap();
+    drop(small);
+    let mut b = Scheduler::builder(&name).redis_url(&url).backend(fake.clone());
+    for i in 1..=n {
+        b = b.slot(SlotConfig::new(i.to_string(), ["Jobs"]).timeout(timeout));
+    }
+    let s = b.build().await.unwrap();
+    let group = s.deadline_group_key("1");
+    assert!((1..=n).all(|i| s.deadline_group_key(&i.to_string()) == group));
+    assert_eq!(s.schedule().await.unwrap().started.len(), n);
+    tokio::time::sleep(timeout + Duration::from_millis(100)).await;
+
+    let mut m = Monitor::start(server.port, &url).await;
+    let (r, lines) = m.lines(s.schedule()).await;
+    let r = r.unwrap();
+    assert_eq!(r.timed_out.len(), n, "{:?}", r.errors);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/lua/");
+    let read = |file: &str| std::fs::read_to_string(format!("{dir}{file}")).unwrap();
+    let sweep = redis::Script::new(&format!("{}\n{}", read("common.lua"), read("sweep.lua")));
+    let per_call: Vec<usize> = lines
+        .iter()
+        .filter(|l| !l.contains(" lua]") && l.contains(&format!("\"{}\"", sweep.get_hash())))
+        .map(|l| l.matches("}:slot:").count())
+        .collect();
+    assert_eq!(per_call.iter().sum::<usize>(), n, "{per_call:?}");
+    assert!(per_call.iter().all(|&k| k <= 100), "{per_call:?}");
+    // Every slot is idle again and its entry gone from the group; the last call
+    // settled the group's bound at the slots' reclaim time (the free leaves a bound as
+    // it is): later than now, where an unsettled one would still be their past deadline.
+    let mut conn = common::raw(&url).await;
+    let left: usize = redis::cmd("HLEN")
+        .arg(&group)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    let bound: f64 = redis::cmd("ZSCORE")
+        .arg(format!("task_semaphore:{{{name}}}:deadlines"))
+        .arg(group.rsplit(':').next().unwrap())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    assert!(bound > (secs * 1000 + micros / 1000) as f64, "bound {bound}");
 }

@@ -289,13 +289,106 @@ async fn sweep_leaves_slots_that_are_not_due() {
         .arg(1)
         .arg("1")
         .arg(1)
-        .arg(0);
+        .arg(0)
+        .arg("0");
     let out: Value = inv.invoke_async(&mut conn).await.unwrap();
     assert_eq!(
         texts(&out)[1..],
         ["-"],
         "the time, then slot 1 left alone: {out:?}"
     );
+    assert_eq!(slot(&mut conn, &name, "1").await, before);
+}
+
+#[tokio::test]
+/// A group split across sweep calls: a call that does not take its last due slots
+/// (flagged open) leaves its bound as it is, since it does not read the group's other
+/// times; the call with the last ones settles it.
+async fn sweep_settles_a_split_group_only_in_its_last_call() {
+    let name = unique_name("sweepsplit");
+    let fake = Fake::with_tasks("Jobs", ["a", "b"]);
+    let s = builder(&name, &fake, 2, Duration::from_secs(3600))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(s.schedule().await.unwrap().started.len(), 2);
+    let mut conn = raw(&common::redis_url()).await;
+    // Both due in the past; the bound is slot 1's.
+    let d1 = now_ms(&mut conn).await - 10_000;
+    let d2 = d1 + 10;
+    for (id, due) in [("1", d1), ("2", d2)] {
+        let _: () = redis::pipe()
+            .hset(key(&name, &format!("slot:{id}")), "due", due)
+            .hset(group(&name), id, due)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("ZADD")
+        .arg(key(&name, "deadlines"))
+        .arg(d1)
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let sweep = script("sweep.lua");
+    let call = |id: &str, open: &str| {
+        let mut inv = sweep.prepare_invoke();
+        inv.key(key(&name, "deadlines"))
+            .key(key(&name, "idle"))
+            .key(key(&name, "ended"))
+            .key(key(&name, &format!("slot:{id}")))
+            .key(group(&name))
+            .arg(1)
+            .arg(id)
+            .arg(1)
+            .arg(0)
+            .arg(open);
+        inv
+    };
+    let out: Value = call("2", "1").invoke_async(&mut conn).await.unwrap();
+    assert_eq!(texts(&out)[1], "T", "{out:?}");
+    assert_eq!(state(&slot(&mut conn, &name, "2").await), "stopping");
+    assert_eq!(
+        bound(&mut conn, &name).await,
+        d1,
+        "left as it was: slot 1 is still due"
+    );
+    let out: Value = call("1", "0").invoke_async(&mut conn).await.unwrap();
+    assert_eq!(texts(&out)[1], "T", "{out:?}");
+    let reclaims: Vec<u64> = redis::cmd("HMGET")
+        .arg(group(&name))
+        .arg("1")
+        .arg("2")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        bound(&mut conn, &name).await,
+        reclaims.into_iter().min().unwrap(),
+        "settled at the earliest reclaim"
+    );
+    // A flag other than "0" or "1" is refused, before any write.
+    let err = call("1", "2").invoke_async::<Value>(&mut conn).await.unwrap_err();
+    assert!(err.to_string().contains("bad arguments"), "{err}");
+    // An open group of another type is refused before any write, though it is not
+    // read: slot 1, due for its reclaim, is left as it is.
+    let _: () = redis::cmd("HSET")
+        .arg(key(&name, "slot:1"))
+        .arg("reclaim")
+        .arg(d1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let before = slot(&mut conn, &name, "1").await;
+    let _: () = redis::pipe()
+        .del(group(&name))
+        .set(group(&name), "foreign data")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let err = call("1", "1").invoke_async::<Value>(&mut conn).await.unwrap_err();
+    assert!(err.to_string().contains(&group(&name)), "{err}");
     assert_eq!(slot(&mut conn, &name, "1").await, before);
 }
 
