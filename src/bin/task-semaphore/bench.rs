@@ -1179,6 +1179,50 @@ struct Report {
     evalsha: Vec<(Op, f64)>,
     sizes: Vec<SizeRow>,
     peak_rss_kib: Option<u64>,
+    /// The VM's stalls at the start and at the end of the run.
+    stalls: [Stalls; 2],
+}
+
+/// Gaps longer than this in a thread that reads the clock in a loop are stalls.
+const STALL_GAP: Duration = Duration::from_micros(50);
+/// How long the stall meter spins.
+const STALL_SPIN: Duration = Duration::from_secs(1);
+
+/// What a thread reading the clock in a loop lost to gaps over [`STALL_GAP`]: on a
+/// VM, mostly time the hypervisor gave to others, which no CPU counter of the guest
+/// shows (steal time stays near 0 here) and which slows every figure of the run.
+#[derive(Clone, Copy, Debug)]
+struct Stalls {
+    /// The share of the spin's time lost in those gaps, 0 to 1.
+    lost: f64,
+    /// The longest gap.
+    longest: Duration,
+}
+
+/// Spins for `spin` (blocking this thread) and measures its stalls.
+fn spin_for_stalls(spin: Duration) -> Stalls {
+    let start = Instant::now();
+    let (mut last, mut lost, mut longest) = (start, Duration::ZERO, Duration::ZERO);
+    while last - start < spin {
+        let now = Instant::now();
+        let gap = now - last;
+        if gap > STALL_GAP {
+            lost += gap;
+            longest = longest.max(gap);
+        }
+        last = now;
+    }
+    Stalls {
+        lost: lost.as_secs_f64() / (last - start).as_secs_f64().max(f64::MIN_POSITIVE),
+        longest,
+    }
+}
+
+/// [`spin_for_stalls`] of [`STALL_SPIN`] on a blocking thread.
+async fn stalls() -> Result<Stalls, String> {
+    tokio::task::spawn_blocking(|| spin_for_stalls(STALL_SPIN))
+        .await
+        .map_err(|e| format!("the stall meter failed: {e}"))
 }
 
 /// The date and time now, UTC, as `YYYY-MM-DD HH:MM UTC`.
@@ -1264,10 +1308,23 @@ fn row(label: &str, cells: impl IntoIterator<Item = String>) -> Vec<String> {
 impl Report {
     /// The readable tables.
     fn text(&self) -> String {
+        let [first, last] = self.stalls;
         let mut out = format!(
             "task-semaphore bench: {} cores, Redis {} ({}), {} build, {}\n\
-             {} run(s), each figure the median; throughput phases of {:.1} s, library and raw interleaved\n\n",
-            self.cores, self.redis_version, self.server, self.profile, self.date, self.runs, self.phase_secs
+             {} run(s), each figure the median; throughput phases of {:.1} s, library and raw interleaved\n\
+             VM stalls (a thread reading the clock for 1 s, at the start / at the end): \
+             {:.1}% / {:.1}% of the time lost in gaps over 50 µs, the longest {:.2} / {:.2} ms\n\n",
+            self.cores,
+            self.redis_version,
+            self.server,
+            self.profile,
+            self.date,
+            self.runs,
+            self.phase_secs,
+            first.lost * 100.0,
+            last.lost * 100.0,
+            first.longest.as_secs_f64() * 1000.0,
+            last.longest.as_secs_f64() * 1000.0,
         );
         let mut t = vec![row(
             "throughput (ops/s)",
@@ -1473,6 +1530,10 @@ impl Report {
             "slowlog_threshold_ms": SLOWLOG_THRESHOLD_US as f64 / 1000.0,
             "throughput": throughput, "evalsha_per_op": evalsha, "sizes": sizes,
             "peak_rss_kib": self.peak_rss_kib,
+            "stalls": self.stalls.map(|s| serde_json::json!({
+                "lost_pct": s.lost * 100.0,
+                "longest_ms": s.longest.as_secs_f64() * 1000.0,
+            })),
         })
     }
 }
@@ -1503,8 +1564,10 @@ pub(crate) async fn bench(args: &[String]) -> Result<(), String> {
 async fn measure(server: &Server, s: &Settings) -> Result<Report, String> {
     let info = server.info("server").await?;
     let redis_version = info_field(&info, "redis_version").unwrap_or("?").to_owned();
+    let first = stalls().await?;
     let (throughput, evalsha) = throughput(server, s).await?;
     let sizes = sizes(server, s).await?;
+    let last = stalls().await?;
     Ok(Report {
         cores: std::thread::available_parallelism().map_or(0, usize::from),
         redis_version,
@@ -1525,5 +1588,24 @@ async fn measure(server: &Server, s: &Settings) -> Result<Report, String> {
         evalsha,
         sizes,
         peak_rss_kib: peak_rss_kib(),
+        stalls: [first, last],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    /// The stall meter spins for the time asked, and what it reports lost fits in it.
+    fn the_stall_meter_reports_a_share_of_its_spin() {
+        let spin = Duration::from_millis(30);
+        let t = Instant::now();
+        let s = spin_for_stalls(spin);
+        let took = t.elapsed();
+        assert!(took >= spin, "{took:?}");
+        assert!((0.0..=1.0).contains(&s.lost), "{s:?}");
+        assert!(s.longest <= took, "{s:?}");
+        assert!(s.longest.is_zero() == (s.lost == 0.0), "{s:?}");
+    }
 }
