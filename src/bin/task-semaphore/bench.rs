@@ -1191,16 +1191,68 @@ const STALL_SPIN: Duration = Duration::from_secs(1);
 /// What a thread reading the clock in a loop lost to gaps over [`STALL_GAP`]: on a
 /// VM, mostly time the hypervisor gave to others, which no CPU counter of the guest
 /// shows (steal time stays near 0 here) and which slows every figure of the run.
+/// With it, how long two fixed pieces of work took: a VM whose host is busy runs
+/// them slower even without gaps.
 #[derive(Clone, Copy, Debug)]
 struct Stalls {
     /// The share of the spin's time lost in those gaps, 0 to 1.
     lost: f64,
     /// The longest gap.
     longest: Duration,
+    /// FNV-1a over [`HASHED_BYTES`] (a 1 MiB buffer again and again): the CPU.
+    hashing: Duration,
+    /// One step of a random walk over [`WALKED_BYTES`], which misses the caches at
+    /// every step: the memory.
+    step: Duration,
 }
 
-/// Spins for `spin` (blocking this thread) and measures its stalls.
-fn spin_for_stalls(spin: Duration) -> Stalls {
+/// Bytes the CPU probe hashes.
+const HASHED_BYTES: usize = 64 << 20;
+/// Size of the memory probe's walk (beyond the caches).
+const WALKED_BYTES: usize = 64 << 20;
+/// Steps of the memory probe's walk.
+const WALK_STEPS: usize = 2_000_000;
+
+/// How long FNV-1a of [`HASHED_BYTES`] takes.
+fn time_hashing() -> Duration {
+    let buffer: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let start = Instant::now();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for _ in 0..HASHED_BYTES / buffer.len() {
+        for &byte in std::hint::black_box(&buffer) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    std::hint::black_box(hash);
+    start.elapsed()
+}
+
+/// How long one step of a random walk over [`WALKED_BYTES`] takes: a single cycle
+/// through every entry (Sattolo's shuffle, with a fixed xorshift sequence), so each
+/// step depends on the last and lands far from it.
+fn time_walk_step() -> Duration {
+    let n = WALKED_BYTES / std::mem::size_of::<u32>();
+    let mut next: Vec<u32> = (0..n as u32).collect();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in (1..n).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        next.swap(i, (x % i as u64) as usize);
+    }
+    let start = Instant::now();
+    let mut at = 0u32;
+    for _ in 0..WALK_STEPS {
+        at = next[at as usize];
+    }
+    std::hint::black_box(at);
+    start.elapsed() / WALK_STEPS as u32
+}
+
+/// Spins for `spin` (blocking this thread): the share of it lost in gaps over
+/// [`STALL_GAP`], and the longest gap.
+fn spin_gaps(spin: Duration) -> (f64, Duration) {
     let start = Instant::now();
     let (mut last, mut lost, mut longest) = (start, Duration::ZERO, Duration::ZERO);
     while last - start < spin {
@@ -1212,17 +1264,23 @@ fn spin_for_stalls(spin: Duration) -> Stalls {
         }
         last = now;
     }
-    Stalls {
-        lost: lost.as_secs_f64() / (last - start).as_secs_f64().max(f64::MIN_POSITIVE),
-        longest,
-    }
+    let share = lost.as_secs_f64() / (last - start).as_secs_f64().max(f64::MIN_POSITIVE);
+    (share, longest)
 }
 
-/// [`spin_for_stalls`] of [`STALL_SPIN`] on a blocking thread.
+/// The VM's stalls and speed now, measured on a blocking thread.
 async fn stalls() -> Result<Stalls, String> {
-    tokio::task::spawn_blocking(|| spin_for_stalls(STALL_SPIN))
-        .await
-        .map_err(|e| format!("the stall meter failed: {e}"))
+    tokio::task::spawn_blocking(|| {
+        let (lost, longest) = spin_gaps(STALL_SPIN);
+        Stalls {
+            lost,
+            longest,
+            hashing: time_hashing(),
+            step: time_walk_step(),
+        }
+    })
+    .await
+    .map_err(|e| format!("the stall meter failed: {e}"))
 }
 
 /// The date and time now, UTC, as `YYYY-MM-DD HH:MM UTC`.
@@ -1313,7 +1371,9 @@ impl Report {
             "task-semaphore bench: {} cores, Redis {} ({}), {} build, {}\n\
              {} run(s), each figure the median; throughput phases of {:.1} s, library and raw interleaved\n\
              VM stalls (a thread reading the clock for 1 s, at the start / at the end): \
-             {:.1}% / {:.1}% of the time lost in gaps over 50 µs, the longest {:.2} / {:.2} ms\n\n",
+             {:.1}% / {:.1}% of the time lost in gaps over 50 µs, the longest {:.2} / {:.2} ms\n\
+             VM speed (at the start / at the end): FNV-1a of 64 MiB {:.1} / {:.1} ms, \
+             a random walk over 64 MiB {:.1} / {:.1} ns a step\n\n",
             self.cores,
             self.redis_version,
             self.server,
@@ -1325,6 +1385,10 @@ impl Report {
             last.lost * 100.0,
             first.longest.as_secs_f64() * 1000.0,
             last.longest.as_secs_f64() * 1000.0,
+            first.hashing.as_secs_f64() * 1000.0,
+            last.hashing.as_secs_f64() * 1000.0,
+            first.step.as_secs_f64() * 1e9,
+            last.step.as_secs_f64() * 1e9,
         );
         let mut t = vec![row(
             "throughput (ops/s)",
@@ -1533,6 +1597,8 @@ impl Report {
             "stalls": self.stalls.map(|s| serde_json::json!({
                 "lost_pct": s.lost * 100.0,
                 "longest_ms": s.longest.as_secs_f64() * 1000.0,
+                "fnv1a_64mib_ms": s.hashing.as_secs_f64() * 1000.0,
+                "walk_step_ns": s.step.as_secs_f64() * 1e9,
             })),
         })
     }
@@ -1601,11 +1667,11 @@ mod tests {
     fn the_stall_meter_reports_a_share_of_its_spin() {
         let spin = Duration::from_millis(30);
         let t = Instant::now();
-        let s = spin_for_stalls(spin);
+        let (lost, longest) = spin_gaps(spin);
         let took = t.elapsed();
         assert!(took >= spin, "{took:?}");
-        assert!((0.0..=1.0).contains(&s.lost), "{s:?}");
-        assert!(s.longest <= took, "{s:?}");
-        assert!(s.longest.is_zero() == (s.lost == 0.0), "{s:?}");
+        assert!((0.0..=1.0).contains(&lost), "{lost}");
+        assert!(longest <= took, "{longest:?}");
+        assert!(longest.is_zero() == (lost == 0.0), "{lost} {longest:?}");
     }
 }
