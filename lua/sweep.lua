@@ -9,16 +9,17 @@
 -- Returns  a packed reply (see `put` in common.lua): now_ms, then one record per slot,
 --   in order: "T" task backend lease (timed out), "R" task backend lease reason
 --   (reclaimed), "C" why (corrupt), or "-" (not due: left alone).
--- Takes every due slot in one step. A busy slot past its deadline becomes "stopping"
+-- Takes every due slot it is given in one step. A busy slot past its deadline becomes "stopping"
 -- (neither it nor its task, which stays in the index, is claimable until the caller's
 -- free, or until `reclaim` = now + timeout if that caller dies). A stopping slot past
 -- `reclaim` (its callbacks never finished) is handed to this caller in the same
 -- way: it stays stopping with a new `reclaim` while the caller runs the callbacks
 -- again (at least once), then frees it.
--- Then it settles each group's bound in `deadlines` to the earliest time left in the
--- group (none left: the group leaves `deadlines`). A group may hold due slots that
--- this call was not given (another chunk's, or a slot another replica's config has):
--- they keep its bound, so the group stays due until they are swept.
+-- Then it settles each group's bound in `deadlines` (but an open group's) to the
+-- earliest time left in the group (none left: the group leaves `deadlines`). A group
+-- may hold due slots that this call was not given (another chunk's, or a slot another
+-- replica's config has): they keep its bound, so the group stays due until they are
+-- swept.
 check_type(KEYS[1], 'zset')
 check_type(KEYS[2], 'set')
 check_type(KEYS[3], 'zset')

@@ -1342,7 +1342,7 @@ impl Scheduler {
                     continue;
                 }
             };
-            let mut due = Vec::new();
+            let (mut due, mut bad) = (Vec::new(), Vec::new());
             for (slot, at) in entries {
                 // A time that is not a number is the script's to report (naming the group).
                 let is_due = std::str::from_utf8(&at)
@@ -1354,16 +1354,14 @@ impl Scheduler {
                 }
                 match String::from_utf8(slot) {
                     Ok(slot) => due.push(slot),
-                    // Not a slot id: left alone (the group stays due, so it is reported
-                    // again) while the group's other slots are swept.
-                    Err(e) => {
-                        let detail = format!(
-                            "holds a field that is not UTF-8, left alone: {:?}",
-                            String::from_utf8_lossy(e.as_bytes())
-                        );
-                        self.record_corrupt_group(errors, key.clone(), detail);
-                    }
+                    Err(e) => bad.push(String::from_utf8_lossy(e.as_bytes()).into_owned()),
                 }
+            }
+            if !bad.is_empty() {
+                // Not slot ids: left alone (the group stays due, so they are reported
+                // again) while the group's other slots are swept.
+                let detail = format!("holds fields that are not UTF-8, left alone: {bad:?}");
+                self.record_corrupt_group(errors, key.clone(), detail);
             }
             // Into the calls, SWEEP_CHUNK slots each: a group with more due slots than
             // a call has room for continues in the next call, which settles its bound.
