@@ -11,9 +11,10 @@ use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
 
-/// A subscriber that keeps the text of every WARN-or-worse event.
+/// A subscriber that keeps the text of every WARN-or-worse event (of every event down
+/// to DEBUG when `debug`).
 #[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<String>>>);
+struct Capture(Arc<Mutex<Vec<String>>>, bool);
 
 struct Text<'a>(&'a mut String);
 
@@ -25,7 +26,12 @@ impl Visit for Text<'_> {
 
 impl Subscriber for Capture {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        *metadata.level() <= tracing::Level::WARN
+        let floor = if self.1 {
+            tracing::Level::DEBUG
+        } else {
+            tracing::Level::WARN
+        };
+        *metadata.level() <= floor
     }
     fn new_span(&self, _: &Attributes<'_>) -> Id {
         Id::from_u64(1)
@@ -130,4 +136,32 @@ async fn lost_state_is_logged_loudly() {
     let logs = capture.0.lock().unwrap().join("\n");
     assert!(logs.contains("LOST THE STATE"), "{logs}");
     assert!(logs.contains(&common::key(&name, "epoch")), "{logs}");
+}
+
+#[tokio::test]
+/// Every start is logged at debug level with its slot, task and lease: the start of
+/// `stop()`'s refill too, which no report carries.
+async fn the_start_of_a_stop_refill_is_logged_at_debug_level() {
+    let capture = Capture(Arc::default(), true);
+    let _guard = tracing::subscriber::set_default(capture.clone());
+    let fake = Fake::with_tasks("Jobs", ["a"]);
+    let name = unique_name("startlog");
+    let s = builder(&name, &fake, 1, Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    s.schedule().await.unwrap();
+    fake.push(["b"]);
+    s.stop("a").await.unwrap();
+    let lease = s.inspect().await.unwrap().slots[0].lease.unwrap();
+    let logs = capture.0.lock().unwrap().clone();
+    let started: Vec<_> = logs
+        .iter()
+        .filter(|l| l.contains("started") && l.contains("task_id=\"b\""))
+        .collect();
+    assert_eq!(started.len(), 1, "{logs:#?}");
+    assert!(
+        started[0].contains("slot_id=\"1\"") && started[0].contains(&format!("lease={lease}")),
+        "{started:?}"
+    );
 }
