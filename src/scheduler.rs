@@ -331,8 +331,8 @@ struct Inner {
     max_lease: AtomicU64,
     /// Per backend: 0 not known yet, [`NO_BATCH`] when it has no `poll_many`.
     batching: Vec<AtomicU8>,
-    /// The last problem logged per corrupt key: a slot hash (see `record_corrupt`) or a
-    /// group of the deadline index (see `sweep_chunks`).
+    /// The last problem logged per corrupt key: a slot hash or a group of the deadline
+    /// index (see `record_once`).
     corrupt_logged: Mutex<HashMap<String, String>>,
     /// Task id -> slot id, a hint that saves the index lookup of a keepalive or stop;
     /// the scripts check it, so a stale hint costs one retry, never a wrong write.
@@ -908,9 +908,8 @@ impl Scheduler {
         }
     }
 
-    /// Reports a corrupt slot in the tick's errors every time, but logs it (a warning
-    /// naming the key) once per replica per distinct problem: a corrupt slot is seen
-    /// again by every tick, and would flood the logs.
+    /// Reports a corrupt slot in the tick's errors, logged once per distinct problem
+    /// (see `record_once`).
     fn record_corrupt(
         &self,
         sink: &mut Vec<TickError>,
@@ -919,53 +918,55 @@ impl Scheduler {
         task_id: Option<&str>,
         message: impl fmt::Display,
     ) {
-        let message = message.to_string();
-        if self.first_report(self.inner.keys.slot(slot_id), &message) {
-            tracing::warn!(stage = ?Stage::CorruptSlot, slot_id, backend, task_id, "{message}");
-        } else {
-            tracing::debug!(stage = ?Stage::CorruptSlot, slot_id, backend, task_id, "{message}");
-        }
-        sink.push(TickError {
+        let e = TickError {
             stage: Stage::CorruptSlot,
             slot_id: Some(slot_id.to_owned()),
             backend: backend.map(str::to_owned),
             task_id: task_id.map(str::to_owned),
-            message,
-        });
-    }
-
-    /// Whether `message` is news for `key` (a corrupt key is seen again by every tick:
-    /// it is logged as a warning at its first report only, and again when it changes).
-    fn first_report(&self, key: String, message: &str) -> bool {
-        let mut logged = self
-            .inner
-            .corrupt_logged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        logged.insert(key, message.to_owned()).as_deref() != Some(message)
+            message: message.to_string(),
+        };
+        self.record_once(sink, self.inner.keys.slot(slot_id), e);
     }
 
     /// Reports a group of the deadline index that holds foreign data (another type, or
     /// a field that is not UTF-8, which is left out of the sweep): the tick goes on
     /// with the rest. Logged like a corrupt slot.
     fn record_corrupt_group(&self, sink: &mut Vec<TickError>, key: String, detail: String) {
-        let message = Error::CorruptState {
-            key: key.clone(),
-            detail,
-        }
-        .to_string();
-        if self.first_report(key, &message) {
-            tracing::warn!(stage = ?Stage::Redis, "{message}");
-        } else {
-            tracing::debug!(stage = ?Stage::Redis, "{message}");
-        }
-        sink.push(TickError {
+        let e = TickError {
             stage: Stage::Redis,
             slot_id: None,
             backend: None,
             task_id: None,
-            message,
-        });
+            message: Error::CorruptState {
+                key: key.clone(),
+                detail,
+            }
+            .to_string(),
+        };
+        self.record_once(sink, key, e);
+    }
+
+    /// Pushes `e` to the tick's errors every time, but logs it (a warning) only when
+    /// it is news for `key`, the corrupt key it is about: at its first report, and
+    /// again when the problem changes. A corrupt key is seen again by every tick, and
+    /// would flood the logs.
+    fn record_once(&self, sink: &mut Vec<TickError>, key: String, e: TickError) {
+        let first = {
+            let mut logged = self
+                .inner
+                .corrupt_logged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            logged.insert(key, e.message.clone()).as_ref() != Some(&e.message)
+        };
+        let (stage, message) = (e.stage, &e.message);
+        let (slot_id, backend, task_id) = (e.slot_id.as_deref(), e.backend.as_deref(), e.task_id.as_deref());
+        if first {
+            tracing::warn!(?stage, slot_id, backend, task_id, "{message}");
+        } else {
+            tracing::debug!(?stage, slot_id, backend, task_id, "{message}");
+        }
+        sink.push(e);
     }
 
     /// Runs `start_callback` for a task just claimed in slot `index` under `lease`.
@@ -1335,12 +1336,13 @@ impl Scheduler {
             inner.redis.pipeline("reading due groups", &pipe).await?;
         let mut chunks = vec![SweepChunk::default()];
         for (g, reply) in groups.into_iter().zip(replies) {
-            let key = inner.keys.group_key(g);
+            // Made only to name a group that holds foreign data.
+            let key = || inner.keys.group_key(g);
             let entries: Vec<(Vec<u8>, Vec<u8>)> = match reply.map(redis::from_redis_value) {
                 Ok(Ok(entries)) => entries,
                 Ok(Err(_)) | Err(_) => {
                     let detail = "is not a hash: its slots are not swept until it is repaired";
-                    self.record_corrupt_group(errors, key, detail.into());
+                    self.record_corrupt_group(errors, key(), detail.into());
                     continue;
                 }
             };
@@ -1363,7 +1365,7 @@ impl Scheduler {
                 // Not slot ids: left alone (the group stays due, so they are reported
                 // again) while the group's other slots are swept.
                 let detail = format!("holds fields that are not UTF-8, left alone: {bad:?}");
-                self.record_corrupt_group(errors, key.clone(), detail);
+                self.record_corrupt_group(errors, key(), detail);
             }
             // Into the calls, SWEEP_CHUNK slots each: a group with more due slots than
             // a call has room for continues in the next call, which settles its bound.

@@ -271,7 +271,7 @@ async fn a_big_group_is_swept_in_calls_of_at_most_100_slots() {
         .unwrap();
     assert_eq!(left, 0);
     let bound: f64 = redis::cmd("ZSCORE")
-        .arg(format!("task_semaphore:{{{name}}}:deadlines"))
+        .arg(common::key(&name, "deadlines"))
         .arg(group.rsplit(':').next().unwrap())
         .query_async(&mut conn)
         .await
