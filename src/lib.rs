@@ -15,7 +15,9 @@ pub use backend::{Backend, BoxError, Callback};
 pub use config::{SlotConfig, DEFAULT_TIMEOUT};
 pub use error::{Error, Result};
 pub use report::{Inspection, ScheduleReport, SlotTask, Stage, TickError};
-pub use scheduler::{inspect_redis, Scheduler, SchedulerBuilder, DEFAULT_KEY_PREFIX, MAX_TASK_ID_LEN};
+pub use scheduler::{
+    inspect_redis, Scheduler, SchedulerBuilder, DEFAULT_KEY_PREFIX, MAX_CHUNK, MAX_TASK_ID_LEN,
+};
 pub use slot::{SlotState, SlotStatus};
 
 /// The `deadpool-redis` crate this one is built with, for [`SchedulerBuilder::redis_pool`].

@@ -31,13 +31,19 @@ pub const DEFAULT_KEY_PREFIX: &str = "task_semaphore";
 /// Slots per register script call (at build, not on the tick path).
 const REGISTER_CHUNK: usize = 500;
 
-/// Slots per sweep (and free) script call: 10–25 µs each inside Redis (more at
-/// 100,000 slots, where a call of 200 took up to 8.5 ms), so that no call blocks
-/// Redis for more than a few milliseconds (`make bench` measures it). A group of the
-/// deadline index with more due slots is split across calls: a call of thousands of
-/// slots would hold Redis for tens of milliseconds, and past about 4,000 it fails
-/// (Lua's `unpack` takes at most 8,000 values).
+/// Slots per sweep (and free) script call by default ([`SchedulerBuilder::sweep_chunk`]):
+/// 10–25 µs each inside Redis (more at 100,000 slots, where a call of 200 took up to
+/// 8.5 ms), so that no call blocks Redis for more than a few milliseconds (`make
+/// bench` measures it). A group of the deadline index with more due slots is split
+/// across calls: a call of thousands of slots would hold Redis for tens of
+/// milliseconds, and past about 4,000 it fails (Lua's `unpack` takes at most 8,000
+/// values).
 const SWEEP_CHUNK: usize = 100;
+
+/// The largest `claim_chunk` and `sweep_chunk` the builder takes: a call of 1,000
+/// claims or sweeps holds Redis for 10–40 ms on this project's VM, and stays far from
+/// Lua's `unpack` limit.
+pub const MAX_CHUNK: usize = 1_000;
 
 /// Due groups of the deadline index one tick reads at a time (each of 16–32 slots
 /// when all are busy); more are read by a further tick call (each round starts with a
@@ -49,8 +55,9 @@ const MAX_DUE: usize = 1_000;
 /// the idle set with SSCAN, so that no script call builds a huge reply.
 const IDLE_LISTED: usize = 1000;
 
-/// Claims per claim script call when filling in batches (`poll_many`): each call
-/// stays around a millisecond of Redis time.
+/// Claims per claim script call when filling in batches (`poll_many`), by default
+/// ([`SchedulerBuilder::claim_chunk`]): each call stays around a millisecond of Redis
+/// time.
 const CLAIM_CHUNK: usize = 200;
 
 /// `Inner::batching`: the backend returned `None` from `poll_many` (polls one by one).
@@ -71,6 +78,8 @@ pub struct SchedulerBuilder {
     redis_timeout: Duration,
     stale_poll_after: Duration,
     quarantine_on_data_loss: bool,
+    claim_chunk: usize,
+    sweep_chunk: usize,
 }
 
 impl fmt::Debug for SchedulerBuilder {
@@ -167,12 +176,32 @@ impl SchedulerBuilder {
         self
     }
 
+    /// Claims per script call when a backend's [`poll_many`](crate::Backend::poll_many)
+    /// fills many slots (default 200, at most [`MAX_CHUNK`]). Calls are pipelined: up
+    /// to four chunks are claimed ahead of the `start_callback`s that run for them,
+    /// and a claimed slot's deadline runs from its claim. Smaller chunks hold Redis
+    /// for less time per call and start fewer deadlines ahead of slow
+    /// `start_callback`s; larger ones take fewer round trips.
+    pub fn claim_chunk(mut self, slots: usize) -> Self {
+        self.claim_chunk = slots;
+        self
+    }
+
+    /// Expired slots per sweep (and free) script call (default 100, at most
+    /// [`MAX_CHUNK`]). Like the claims, sweep calls are pipelined ahead of the
+    /// `timeout_callback`s and `stop_callback`s, and a swept slot's `reclaim` time runs
+    /// from its sweep: with slow callbacks and short timeouts, take smaller chunks.
+    pub fn sweep_chunk(mut self, slots: usize) -> Self {
+        self.sweep_chunk = slots;
+        self
+    }
+
     /// Checks the configuration, connects, and registers the slots in Redis
     /// (creating missing ones as idle; busy ones are left as they are).
     ///
     /// # Errors
     /// [`Error::Config`] for an invalid name, prefix, slot list, unknown or
-    /// duplicate backend or slot, or no Redis given; [`Error::Redis`],
+    /// duplicate backend or slot, chunk size out of range, or no Redis given; [`Error::Redis`],
     /// [`Error::Timeout`] or [`Error::Pool`] when Redis cannot be reached;
     /// [`Error::CorruptState`] when a shared key of the scheduler holds foreign data.
     pub async fn build(self) -> Result<Scheduler> {
@@ -193,6 +222,16 @@ impl SchedulerBuilder {
                 "stale_poll_after is {:?}; it must be at most 10 years",
                 self.stale_poll_after
             )));
+        }
+        for (what, slots) in [
+            ("claim_chunk", self.claim_chunk),
+            ("sweep_chunk", self.sweep_chunk),
+        ] {
+            if !(1..=MAX_CHUNK).contains(&slots) {
+                return Err(Error::Config(format!(
+                    "{what} is {slots}; it must be from 1 to {MAX_CHUNK}"
+                )));
+            }
         }
         let mut backend_index = HashMap::new();
         for (i, b) in self.backends.iter().enumerate() {
@@ -268,6 +307,8 @@ impl SchedulerBuilder {
             backend_index,
             stale_after_ms,
             quarantine_ms,
+            claim_chunk: self.claim_chunk,
+            sweep_chunk: self.sweep_chunk,
             located: Mutex::new(HashMap::new()),
             epoch: Mutex::new(String::new()),
             task_buckets: AtomicU32::new(1),
@@ -323,6 +364,10 @@ struct Inner {
     stale_after_ms: u64,
     /// How long no slot is granted after lost state (the longest slot timeout, or 0).
     quarantine_ms: u64,
+    /// Claims per claim call of a batched fill.
+    claim_chunk: usize,
+    /// Slots per sweep (and free) call.
+    sweep_chunk: usize,
     /// The epoch id this replica saw last.
     epoch: Mutex<String>,
     /// The task index's bucket count in that epoch (`task_buckets` of the epoch hash).
@@ -465,6 +510,8 @@ impl Scheduler {
             redis_timeout: Duration::from_secs(5),
             stale_poll_after: Duration::from_secs(60),
             quarantine_on_data_loss: true,
+            claim_chunk: CLAIM_CHUNK,
+            sweep_chunk: SWEEP_CHUNK,
         }
     }
 
@@ -1074,7 +1121,7 @@ impl Scheduler {
 
     /// Fills idle slots. Slots whose next backend provides `poll_many` are served in
     /// batches: one `poll_many` per backend and one claim script call per
-    /// [`CLAIM_CHUNK`] slots; the others poll slot by slot, in config order.
+    /// `claim_chunk` slots; the others poll slot by slot, in config order.
     /// A slot whose batched claim fails for its task (held elsewhere, stale) moves on
     /// to its next backend in the next round. Returns how many slots stay idle.
     async fn fill(&self, idle: Vec<usize>, clock: &mut Clock, report: &mut ScheduleReport) -> Result<usize> {
@@ -1158,7 +1205,7 @@ impl Scheduler {
                 let polled_at_ms = polled.get(&b).map_or(0, |(at, _)| *at);
                 // Pipelined: the next chunks' claim calls run in Redis while this
                 // chunk's start callbacks run here (both cores busy, not one in turn).
-                let chunks: Vec<&[(usize, usize, String)]> = claims.chunks(CLAIM_CHUNK).collect();
+                let chunks: Vec<&[(usize, usize, String)]> = claims.chunks(inner.claim_chunk).collect();
                 let mut claimed =
                     Pipelined::new(&chunks, |chunk| self.claim_chunk(chunk, name, polled_at_ms));
                 while let Some((chunk, result)) = claimed.next().await {
@@ -1306,7 +1353,7 @@ impl Scheduler {
     }
 
     /// The due slots of the due groups of the deadline index (one pipeline of
-    /// `HGETALL`s), in sweep calls of at most [`SWEEP_CHUNK`] slots, each call with the
+    /// `HGETALL`s), in sweep calls of at most `sweep_chunk` slots, each call with the
     /// groups of its slots. A group with no due slot left (its bound was stale: a
     /// keepalive or a free came since) goes in a call too, which settles its bound.
     /// A group that holds foreign data is left out, and reported in `errors`.
@@ -1367,20 +1414,20 @@ impl Scheduler {
                 let detail = format!("holds fields that are not UTF-8, left alone: {bad:?}");
                 self.record_corrupt_group(errors, key(), detail);
             }
-            // Into the calls, SWEEP_CHUNK slots each: a group with more due slots than
+            // Into the calls, `sweep_chunk` slots each: a group with more due slots than
             // a call has room for continues in the next call, which settles its bound.
             // (A group with none left still goes in a call, to settle its bound.)
             let mut due = due.into_iter().peekable();
             while let Some(chunk) = chunks.last_mut() {
                 let index = chunk.groups.len();
                 chunk.groups.push(g);
-                let room = SWEEP_CHUNK.saturating_sub(chunk.slots.len());
+                let room = inner.sweep_chunk.saturating_sub(chunk.slots.len());
                 chunk
                     .slots
                     .extend(due.by_ref().take(room).map(|slot| (slot, index)));
                 let continues = due.peek().is_some();
                 chunk.continues = continues;
-                if chunk.slots.len() >= SWEEP_CHUNK {
+                if chunk.slots.len() >= inner.sweep_chunk {
                     chunks.push(SweepChunk::default());
                 }
                 if !continues {

@@ -94,6 +94,22 @@ async fn chaos_kill_between_claim_and_start() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// `kill -9` of a random replica every few seconds, as `chaos_kill_replica`, with
+/// batched claims (`poll_many`) and tiny chunks: 24 slots, all in one group of the
+/// deadline index, claimed 4 per call and swept 3 per call, so fills and sweeps run
+/// in many pipelined calls and every sweep of more than 3 slots splits the group.
+async fn chaos_chunked_kill_replica() {
+    run_scenario(Scenario {
+        slots: 24,
+        poll_many: true,
+        claim_chunk: 4,
+        sweep_chunk: 3,
+        ..Scenario::new("chunked_kill", Fault::KillReplica)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// A replica frozen (SIGSTOP) past the slot timeout; thawed, its tasks send
 /// keepalive and stop for holds that ended: all refused.
 async fn chaos_frozen_replica() {

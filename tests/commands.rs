@@ -250,14 +250,7 @@ async fn a_big_group_is_swept_in_calls_of_at_most_100_slots() {
     let r = r.unwrap();
     assert_eq!(r.timed_out.len(), n, "{:?}", r.errors);
     assert!(r.errors.is_empty(), "{:?}", r.errors);
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/lua/");
-    let read = |file: &str| std::fs::read_to_string(format!("{dir}{file}")).unwrap();
-    let sweep = redis::Script::new(&format!("{}\n{}", read("common.lua"), read("sweep.lua")));
-    let per_call: Vec<usize> = lines
-        .iter()
-        .filter(|l| !l.contains(" lua]") && l.contains(&format!("\"{}\"", sweep.get_hash())))
-        .map(|l| l.matches("}:slot:").count())
-        .collect();
+    let per_call = slots_per_call(&lines, "sweep.lua");
     assert_eq!(per_call.iter().sum::<usize>(), n, "{per_call:?}");
     assert!(per_call.iter().all(|&k| k <= 100), "{per_call:?}");
     // Every slot is idle again and its entry gone from the group; the last call
@@ -278,4 +271,66 @@ async fn a_big_group_is_swept_in_calls_of_at_most_100_slots() {
         .unwrap();
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
     assert!(bound > (secs * 1000 + micros / 1000) as f64, "bound {bound}");
+}
+
+/// The number of slot keys in each call of the script `file` (after common.lua), in
+/// the order MONITOR showed them.
+fn slots_per_call(lines: &[String], file: &str) -> Vec<usize> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/lua/");
+    let read = |file: &str| std::fs::read_to_string(format!("{dir}{file}")).unwrap();
+    let script = redis::Script::new(&format!("{}\n{}", read("common.lua"), read(file)));
+    lines
+        .iter()
+        .filter(|l| !l.contains(" lua]") && l.contains(&format!("\"{}\"", script.get_hash())))
+        .map(|l| l.matches("}:slot:").count())
+        .collect()
+}
+
+#[tokio::test]
+/// `claim_chunk` and `sweep_chunk` set how many slots go in one claim call of a
+/// batched fill and in one sweep (and free) call; every slot is still filled and swept
+/// in one tick, whatever the sizes.
+async fn chunk_sizes_set_the_slots_per_claim_and_sweep_call() {
+    let Some(server) = PrivateRedis::start(&[]) else {
+        eprintln!("skipped: no redis-server binary for a private server");
+        return;
+    };
+    let url = server.url();
+    let n = 10;
+    let mut fake = Fake::with_tasks("Jobs", tasks("t", n));
+    fake.batch = true;
+    let timeout = Duration::from_millis(800);
+    let mut b = Scheduler::builder(unique_name("chunks"))
+        .redis_url(&url)
+        .backend(fake.clone())
+        .claim_chunk(4)
+        .sweep_chunk(3);
+    for i in 1..=n {
+        b = b.slot(SlotConfig::new(i.to_string(), ["Jobs"]).timeout(timeout));
+    }
+    let s = b.build().await.unwrap();
+    let mut m = Monitor::start(server.port, &url).await;
+
+    let (r, lines) = m.lines(s.schedule()).await;
+    let r = r.unwrap();
+    assert_eq!(r.started.len(), n, "{:?}", r.errors);
+    assert_eq!(slots_per_call(&lines, "claim.lua"), [4, 4, 2]);
+
+    tokio::time::sleep(timeout + Duration::from_millis(100)).await;
+    let (r, lines) = m.lines(s.schedule()).await;
+    let r = r.unwrap();
+    assert_eq!(r.timed_out.len(), n, "{:?}", r.errors);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(slots_per_call(&lines, "sweep.lua"), [3, 3, 3, 1]);
+    assert_eq!(slots_per_call(&lines, "free.lua"), [3, 3, 3, 1]);
+    assert_eq!(
+        s.inspect()
+            .await
+            .unwrap()
+            .slots
+            .iter()
+            .filter(|s| s.task_id.is_none())
+            .count(),
+        n
+    );
 }

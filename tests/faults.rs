@@ -203,6 +203,18 @@ async fn bad_configs_are_config_errors_naming_the_culprit() {
     .await;
     assert!(msg.contains("stale_poll_after"), "{msg}");
 
+    // Chunk sizes out of range (0, or more than MAX_CHUNK), each named.
+    let one = || base().slot(SlotConfig::new("1", ["Jobs"]));
+    for (b, culprit) in [
+        (one().claim_chunk(0), "claim_chunk"),
+        (one().sweep_chunk(0), "sweep_chunk"),
+        (one().claim_chunk(task_semaphore::MAX_CHUNK + 1), "claim_chunk"),
+        (one().sweep_chunk(task_semaphore::MAX_CHUNK + 1), "sweep_chunk"),
+    ] {
+        let msg = config_error(b).await;
+        assert!(msg.contains(culprit) && msg.contains("1000"), "{msg}");
+    }
+
     // No slots at all.
     let msg = config_error(base()).await;
     assert!(msg.contains("no slots"), "{msg}");

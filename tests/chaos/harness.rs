@@ -71,6 +71,11 @@ pub struct Scenario {
     pub timeout_ms: u64,
     pub tick_ms: u64,
     pub start_delay_ms: u64,
+    /// Whether the backend provides `poll_many` (batched claims).
+    pub poll_many: bool,
+    /// The replicas' `claim_chunk` and `sweep_chunk`; 0 leaves the library's default.
+    pub claim_chunk: usize,
+    pub sweep_chunk: usize,
 }
 
 impl Scenario {
@@ -83,6 +88,9 @@ impl Scenario {
             timeout_ms: 1500,
             tick_ms: 30,
             start_delay_ms: if fault == Fault::KillInStartWindow { 150 } else { 0 },
+            poll_many: false,
+            claim_chunk: 0,
+            sweep_chunk: 0,
         }
     }
 }
@@ -113,7 +121,7 @@ pub struct Budget {
 }
 
 /// Scenarios `make chaos` runs (the ignored ones excluded).
-pub const ACTIVE_SCENARIOS: f64 = 10.0;
+pub const ACTIVE_SCENARIOS: f64 = 11.0;
 
 pub fn budget() -> Budget {
     let num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<f64>().ok());
@@ -524,7 +532,9 @@ async fn run_once(sc: &Scenario, seconds: f64, run_no: u64) -> (Report, PathBuf)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1)
         ^ run_no;
-    let backlog_len = (seconds * 60.0) as usize + 300;
+    // About ten tasks a second per slot (at least 60 a second), more than the
+    // replicas can start.
+    let backlog_len = (seconds * 10.0 * sc.slots.max(6) as f64) as usize + 300;
     fill_backlog(&backlog_url, &backlog_key, 0..backlog_len, &BTreeSet::new()).await;
     let config = ReplicaConfig {
         redis_url: redis_url.clone(),
@@ -538,6 +548,9 @@ async fn run_once(sc: &Scenario, seconds: f64, run_no: u64) -> (Report, PathBuf)
         start_delay_ms: sc.start_delay_ms,
         seed,
         spawn: 0,
+        poll_many: sc.poll_many,
+        claim_chunk: sc.claim_chunk,
+        sweep_chunk: sc.sweep_chunk,
     };
     let history = History::open(&history_path);
     history.log(

@@ -31,6 +31,11 @@ pub struct ReplicaConfig {
     pub start_delay_ms: u64,
     pub seed: u64,
     pub spawn: u64,
+    /// Whether the backend provides `poll_many` (the head of the backlog).
+    pub poll_many: bool,
+    /// The builder's `claim_chunk` and `sweep_chunk`; 0 leaves the library's default.
+    pub claim_chunk: usize,
+    pub sweep_chunk: usize,
 }
 
 impl ReplicaConfig {
@@ -48,6 +53,9 @@ impl ReplicaConfig {
             ("CHAOS_START_DELAY_MS", self.start_delay_ms.to_string()),
             ("CHAOS_SEED", self.seed.to_string()),
             ("CHAOS_SPAWN", self.spawn.to_string()),
+            ("CHAOS_POLL_MANY", u8::from(self.poll_many).to_string()),
+            ("CHAOS_CLAIM_CHUNK", self.claim_chunk.to_string()),
+            ("CHAOS_SWEEP_CHUNK", self.sweep_chunk.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -73,6 +81,9 @@ impl ReplicaConfig {
             start_delay_ms: num("CHAOS_START_DELAY_MS"),
             seed: num("CHAOS_SEED"),
             spawn: num("CHAOS_SPAWN"),
+            poll_many: num("CHAOS_POLL_MANY") == 1,
+            claim_chunk: num("CHAOS_CLAIM_CHUNK") as usize,
+            sweep_chunk: num("CHAOS_SWEEP_CHUNK") as usize,
         }
     }
 }
@@ -196,6 +207,8 @@ struct Chaos {
     rng: Arc<Mutex<Rng>>,
     start_delay: Duration,
     keepalive_every: Duration,
+    /// Whether `poll_many` is provided.
+    batch: bool,
 }
 
 impl Chaos {
@@ -225,6 +238,27 @@ impl Chaos {
             [Some(t), Some(lease)] if t == task_id => Some((slot, lease.parse().ok()?)),
             _ => None,
         }
+    }
+
+    /// Now and then a slow poll: its answer may be stale by the claim (the task
+    /// started and even finished meanwhile), which the claim must refuse. Returns
+    /// false when a drain came during the stall: the poll must then answer nothing,
+    /// since the parent's drain waits well under the longest stall for the slots to
+    /// stay idle.
+    async fn maybe_stall(&self, tasks: &[String]) -> bool {
+        let stall = {
+            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+            (rng.range(0, 99) < 25).then(|| rng.range(300, 1500))
+        };
+        if let Some(ms) = stall {
+            self.history.log(
+                "poll_stall",
+                json!({ "task": tasks.first(), "tasks": tasks.len(), "ms": ms }),
+            );
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            return !self.drain.load(Ordering::Relaxed);
+        }
+        true
     }
 
     fn plan(&self) -> Plan {
@@ -263,30 +297,49 @@ impl Backend for Chaos {
         if first.is_empty() {
             return Ok(None);
         }
-        let (pick, stall) = {
+        let pick = {
             let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
             // Often the head of the backlog, so that replicas race for one task.
-            let pick = if rng.range(0, 1) == 0 {
+            if rng.range(0, 1) == 0 {
                 0
             } else {
                 rng.range(0, first.len() as u64 - 1) as usize
-            };
-            // Now and then a slow poll: its answer may be stale by the claim (the
-            // task started and even finished meanwhile), which the claim must refuse.
-            let stall = (rng.range(0, 99) < 25).then(|| rng.range(300, 1500));
-            (pick, stall)
-        };
-        let task = first.get(pick).cloned();
-        if let Some(ms) = stall {
-            self.history.log("poll_stall", json!({ "task": task, "ms": ms }));
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            // A drain that came during the stall stops this start too: the parent's
-            // drain waits well under the longest stall for the slots to stay idle.
-            if self.drain.load(Ordering::Relaxed) {
-                return Ok(None);
             }
+        };
+        let Some(task) = first.get(pick).cloned() else {
+            return Ok(None);
+        };
+        if !self.maybe_stall(std::slice::from_ref(&task)).await {
+            return Ok(None);
         }
-        Ok(task)
+        Ok(Some(task))
+    }
+
+    async fn poll_many(&self, n: usize) -> Result<Option<Vec<String>>, BoxError> {
+        if !self.batch {
+            return Ok(None);
+        }
+        if self.drain.load(Ordering::Relaxed) || n == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        // The head of the backlog, from a small random offset: replicas race for the
+        // same tasks, in batches.
+        let skip = {
+            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+            rng.range(0, 3)
+        };
+        let tasks: Vec<String> = self
+            .backlog(
+                redis::cmd("ZRANGE")
+                    .arg(&self.key)
+                    .arg(skip)
+                    .arg(skip + n as u64 - 1),
+            )
+            .await?;
+        if !self.maybe_stall(&tasks).await {
+            return Ok(Some(Vec::new()));
+        }
+        Ok(Some(tasks))
     }
 
     async fn start_callback(&self, task_id: &str) -> Result<(), BoxError> {
@@ -509,6 +562,7 @@ async fn replica(config: ReplicaConfig, history: Arc<History>, drain: Arc<Atomic
         rng: rng.clone(),
         start_delay: Duration::from_millis(config.start_delay_ms),
         keepalive_every: Duration::from_millis((config.timeout_ms / 4).max(50)),
+        batch: config.poll_many,
     };
     let timeout = Duration::from_millis(config.timeout_ms);
     let scheduler = loop {
@@ -516,6 +570,12 @@ async fn replica(config: ReplicaConfig, history: Arc<History>, drain: Arc<Atomic
             .redis_url(config.redis_url.as_str())
             .redis_timeout(Duration::from_millis(1000))
             .backend(backend.clone());
+        if config.claim_chunk > 0 {
+            b = b.claim_chunk(config.claim_chunk);
+        }
+        if config.sweep_chunk > 0 {
+            b = b.sweep_chunk(config.sweep_chunk);
+        }
         for i in 1..=config.slots {
             b = b.slot(SlotConfig::new(i.to_string(), ["Chaos"]).timeout(timeout));
         }
