@@ -1678,6 +1678,20 @@ impl Scheduler {
     /// [`Error::WrongTaskId`] when the task holds no slot; [`Error::InvalidTaskId`];
     /// Redis errors as for [`schedule`](Self::schedule).
     pub async fn stop(&self, task_id: &str) -> Result<()> {
+        self.stop_hold(task_id, None).await.map(drop)
+    }
+
+    /// [`stop`](Self::stop), with a report of what it did: the start of the refill
+    /// in `started` (empty when the slot's backends had nothing, or the slot is not
+    /// in this replica's config); in `errors`, a failing `stop_callback` (and its
+    /// `backend_error_callback`) and whatever failed in the refill (a poll, a
+    /// `start_callback`, or Redis, which `stop` only logs); in `idle`, 1 when the
+    /// freed slot stayed idle. A stop whose callbacks leave the slot held reports
+    /// nothing started and no idle slot.
+    ///
+    /// # Errors
+    /// As for [`stop`](Self::stop).
+    pub async fn stop_and_report(&self, task_id: &str) -> Result<ScheduleReport> {
         self.stop_hold(task_id, None).await
     }
 
@@ -1688,10 +1702,19 @@ impl Scheduler {
     /// stopped or freed, even when the task id holds a slot under a newer lease);
     /// otherwise as for [`stop`](Self::stop).
     pub async fn stop_with_lease(&self, task_id: &str, lease: u64) -> Result<()> {
+        self.stop_hold(task_id, Some(lease)).await.map(drop)
+    }
+
+    /// [`stop_with_lease`](Self::stop_with_lease), with the report of
+    /// [`stop_and_report`](Self::stop_and_report).
+    ///
+    /// # Errors
+    /// As for [`stop_with_lease`](Self::stop_with_lease).
+    pub async fn stop_with_lease_and_report(&self, task_id: &str, lease: u64) -> Result<ScheduleReport> {
         self.stop_hold(task_id, Some(lease)).await
     }
 
-    async fn stop_hold(&self, task_id: &str, lease: Option<u64>) -> Result<()> {
+    async fn stop_hold(&self, task_id: &str, lease: Option<u64>) -> Result<ScheduleReport> {
         check_task_id(task_id)?;
         let (slot_id, _) = match self.locate(task_id).await {
             Err(Error::WrongTaskId(_)) => return Err(not_held(task_id, lease, None)),
@@ -1704,14 +1727,20 @@ impl Scheduler {
             .await?;
         if let Some((slot_id, now_ms)) = freed {
             let Some(&index) = self.inner.slot_index.get(&slot_id) else {
-                return Ok(());
+                return Ok(report);
             };
             let mut clock = Clock::new(now_ms);
-            if let Err(e) = self.fill_slot(index, 0, &mut clock, &mut report).await {
-                tracing::warn!(slot_id, "refilling the slot after a stop failed: {e}");
+            match self.fill_slot(index, 0, &mut clock, &mut report).await {
+                Ok(true) => {}
+                Ok(false) => report.idle = 1,
+                Err(e) => {
+                    let message = format!("refilling the slot after a stop failed: {e}");
+                    record(&mut report.errors, Stage::Redis, &slot_id, None, None, message);
+                    report.idle = 1;
+                }
             }
         }
-        Ok(())
+        Ok(report)
     }
 
     /// Every slot of this replica's config as Redis has it (one pipelined round

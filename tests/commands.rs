@@ -334,3 +334,40 @@ async fn chunk_sizes_set_the_slots_per_claim_and_sweep_call() {
         n
     );
 }
+
+#[tokio::test]
+/// The largest chunks the builder takes (`MAX_CHUNK`) work: 1,000 slots filled in one
+/// claim call, then swept in one sweep call and freed in one free call.
+async fn the_largest_chunks_take_max_chunk_slots_per_call() {
+    let Some(server) = PrivateRedis::start(&[]) else {
+        eprintln!("skipped: no redis-server binary for a private server");
+        return;
+    };
+    let url = server.url();
+    let n = task_semaphore::MAX_CHUNK;
+    let mut fake = Fake::with_tasks("Jobs", tasks("t", n));
+    fake.batch = true;
+    let timeout = Duration::from_millis(1500);
+    let mut b = Scheduler::builder(unique_name("maxchunk"))
+        .redis_url(&url)
+        .backend(fake.clone())
+        .claim_chunk(n)
+        .sweep_chunk(n);
+    for i in 1..=n {
+        b = b.slot(SlotConfig::new(i.to_string(), ["Jobs"]).timeout(timeout));
+    }
+    let s = b.build().await.unwrap();
+    let mut m = Monitor::start(server.port, &url).await;
+
+    let (r, lines) = m.lines(s.schedule()).await;
+    assert_eq!(r.unwrap().started.len(), n);
+    assert_eq!(slots_per_call(&lines, "claim.lua"), [n]);
+
+    tokio::time::sleep(timeout + Duration::from_millis(100)).await;
+    let (r, lines) = m.lines(s.schedule()).await;
+    let r = r.unwrap();
+    assert_eq!(r.timed_out.len(), n, "{:?}", r.errors);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(slots_per_call(&lines, "sweep.lua"), [n]);
+    assert_eq!(slots_per_call(&lines, "free.lua"), [n]);
+}

@@ -75,6 +75,70 @@ async fn stop_frees_and_refills() {
 }
 
 #[tokio::test]
+/// `stop_and_report` says what the stop did: the refill's start, the slot left idle,
+/// a failing stop_callback, a failing refill poll; the lease variant refuses an old
+/// lease.
+async fn stop_and_report_names_the_refill_and_its_errors() {
+    let name = unique_name("stoprep");
+    let fake = Fake::with_tasks("Jobs", ["a", "b"]);
+    let s = builder(&name, &fake, 1, LONG).build().await.unwrap();
+    let first = s.schedule().await.unwrap().started[0].lease;
+
+    let r = s.stop_and_report("a").await.unwrap();
+    let started: Vec<_> = r
+        .started
+        .iter()
+        .map(|t| (t.slot_id.as_str(), t.task_id.as_str()))
+        .collect();
+    assert_eq!(started, [("1", "b")]);
+    assert!(r.started[0].lease > first);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.idle, 0);
+
+    // Nothing to refill with: the slot stays idle.
+    let r = s
+        .stop_with_lease_and_report("b", r.started[0].lease)
+        .await
+        .unwrap();
+    assert!(r.started.is_empty() && r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.idle, 1);
+
+    // A failing stop_callback whose error callback frees the slot, then a refill whose
+    // poll fails: both in the report.
+    fake.push(["c"]);
+    s.schedule().await.unwrap();
+    fake.ledger().fail.insert((Callback::Stop, "c".into()));
+    fake.ledger().error_answer = Some(true);
+    fake.ledger().poll_fails = true;
+    let r = s.stop_and_report("c").await.unwrap();
+    let stages: Vec<_> = r.errors.iter().map(|e| e.stage).collect();
+    assert_eq!(
+        stages,
+        [Stage::Callback(Callback::Stop), Stage::Poll],
+        "{:?}",
+        r.errors
+    );
+    assert!(r.started.is_empty());
+    assert_eq!(r.idle, 1);
+
+    // A failing stop_callback that keeps the slot: no refill, no idle slot.
+    fake.ledger().poll_fails = false;
+    fake.push(["d"]);
+    let lease = s.schedule().await.unwrap().started[0].lease;
+    fake.ledger().fail.insert((Callback::Stop, "d".into()));
+    fake.ledger().error_answer = Some(false);
+    assert!(matches!(
+        s.stop_with_lease_and_report("d", lease - 1).await,
+        Err(Error::LeaseLost { .. })
+    ));
+    let r = s.stop_with_lease_and_report("d", lease).await.unwrap();
+    assert!(r.started.is_empty(), "{r:?}");
+    assert_eq!(r.idle, 0);
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert_eq!(s.inspect().await.unwrap().slots[0].status, SlotStatus::Stopping);
+}
+
+#[tokio::test]
 /// Unknown task ids are `WrongTaskId` for stop and keepalive, and change nothing.
 async fn unknown_task_ids_are_refused() {
     let name = unique_name("unknown");
