@@ -29,6 +29,20 @@ const RELEASE_LUA: &str = include_str!("../../../lua/release.lua");
 const FREE_LUA: &str = include_str!("../../../lua/free.lua");
 const CLAIM_LUA: &str = include_str!("../../../lua/claim.lua");
 
+/// Every script the library runs, by name: the slowest script call is named by its
+/// SHA1 (the library builds each as the raw comparators do, see `crate_script`).
+const SCRIPTS: [(&str, &str); 9] = [
+    ("claim", CLAIM_LUA),
+    ("epoch", include_str!("../../../lua/epoch.lua")),
+    ("free", FREE_LUA),
+    ("keepalive", KEEPALIVE_LUA),
+    ("register", include_str!("../../../lua/register.lua")),
+    ("release", RELEASE_LUA),
+    ("sweep", include_str!("../../../lua/sweep.lua")),
+    ("tick", include_str!("../../../lua/tick.lua")),
+    ("timeout_done", include_str!("../../../lua/timeout_done.lua")),
+];
+
 /// Concurrent callers of the throughput phases.
 const CALLERS: [usize; 2] = [1, 32];
 /// Slots of the keepalive and stop schedulers: one per caller at most.
@@ -60,14 +74,36 @@ const ATTEMPTS: usize = 3;
 const SLOWLOG_THRESHOLD_US: u64 = 100;
 /// The longest the SLOWLOG is kept.
 const SLOWLOG_MAX_LEN: u64 = 200_000;
-/// Reads the slowest EVALSHA in the SLOWLOG inside Redis (in µs; 0 when none),
-/// so that a long log never travels to the bench.
+/// Reads the slowest EVALSHA in the SLOWLOG inside Redis: {µs, SHA1} ({0, ""} when
+/// none), so that a long log never travels to the bench.
 const SLOWEST_EVALSHA_LUA: &str = "\
-local most = 0
+local most, sha = 0, ''
 for _, e in ipairs(redis.call('SLOWLOG', 'GET', -1)) do
-  if string.lower(tostring(e[4][1])) == 'evalsha' and e[3] > most then most = e[3] end
+  if string.lower(tostring(e[4][1])) == 'evalsha' and e[3] > most then
+    most, sha = e[3], tostring(e[4][2])
+  end
 end
-return most";
+return {most, sha}";
+
+/// The slowest script call of a phase: how long it ran inside Redis, and which script.
+#[derive(Debug, Clone, Copy)]
+struct Slowest {
+    ms: f64,
+    script: &'static str,
+}
+
+/// The slowest of several phases' slowest calls.
+fn slowest_of(calls: impl Iterator<Item = Option<Slowest>>) -> Option<Slowest> {
+    calls.flatten().reduce(|a, b| if b.ms > a.ms { b } else { a })
+}
+
+/// The name of the library's script whose SHA1 is `sha`, or "?".
+fn script_named(sha: &str) -> &'static str {
+    SCRIPTS
+        .iter()
+        .find(|(_, body)| crate_script(body).get_hash().eq_ignore_ascii_case(sha))
+        .map_or("?", |(name, _)| name)
+}
 
 /// What to run, from the command line.
 struct Settings {
@@ -229,17 +265,20 @@ impl Server {
     }
 
     /// The slowest EVALSHA in the slowlog since the last reset (own server only).
-    async fn slowest_evalsha_ms(&self) -> Result<Option<f64>, String> {
+    async fn slowest_evalsha(&self) -> Result<Option<Slowest>, String> {
         if self.own.is_none() {
             return Ok(None);
         }
-        let us: u64 = self
+        let (us, sha): (u64, String) = self
             .query(
                 "reading the slowlog",
                 redis::cmd("EVAL").arg(SLOWEST_EVALSHA_LUA).arg(0),
             )
             .await?;
-        Ok(Some(us as f64 / 1000.0))
+        Ok(Some(Slowest {
+            ms: us as f64 / 1000.0,
+            script: if sha.is_empty() { "-" } else { script_named(&sha) },
+        }))
     }
 
     async fn delete_keys(&self, pattern: &str, command: &str) -> Result<usize, String> {
@@ -832,7 +871,7 @@ struct SizeRun {
     batch_fill_ms: f64,
     batch_fill_evalsha: f64,
     /// Slowest EVALSHA during the batched fill, when the server is our own.
-    batch_fill_slowest_ms: Option<f64>,
+    batch_fill_slowest: Option<Slowest>,
     /// Time Redis spent in the batched fill's scripts.
     batch_fill_redis_ms: f64,
     /// The sweep of N expired slots with nothing to refill them with: callbacks
@@ -840,14 +879,14 @@ struct SizeRun {
     bare_sweep_ms: f64,
     bare_sweep_redis_ms: f64,
     bare_sweep_evalsha: f64,
-    bare_slowest_ms: Option<f64>,
+    bare_slowest: Option<Slowest>,
     /// Time Redis spent in the sweep's scripts.
     sweep_redis_ms: f64,
     /// The sweep of N expired slots, refilled with `poll_many`.
     sweep_ms: f64,
     sweep_evalsha: f64,
     /// Slowest EVALSHA during the sweep tick, when the server is our own.
-    slowest_ms: Option<f64>,
+    slowest: Option<Slowest>,
     swept: f64,
     refilled: f64,
 }
@@ -980,7 +1019,7 @@ async fn size_run(server: &Server, n: usize, timeout: Duration) -> Result<Option
     let (calls_after, usec_after) = server.evalsha_stats().await?;
     let batch_fill_evalsha = calls_after.saturating_sub(calls);
     let batch_fill_redis_ms = usec_after.saturating_sub(usec) as f64 / 1000.0;
-    let batch_fill_slowest_ms = server.slowest_evalsha_ms().await?;
+    let batch_fill_slowest = server.slowest_evalsha().await?;
     if fill.started.len() != n {
         return Err(format!(
             "the batched fill of {n} slots started {} tasks",
@@ -1029,16 +1068,16 @@ async fn size_run(server: &Server, n: usize, timeout: Duration) -> Result<Option
         fill_bytes_per_slot: after_fill.saturating_sub(after_build) as f64 / n as f64,
         batch_fill_ms,
         batch_fill_evalsha: batch_fill_evalsha as f64,
-        batch_fill_slowest_ms,
+        batch_fill_slowest,
         batch_fill_redis_ms,
         bare_sweep_ms: bare.ms,
         bare_sweep_redis_ms: bare.redis_ms,
         bare_sweep_evalsha: bare.evalsha as f64,
-        bare_slowest_ms: bare.slowest_ms,
+        bare_slowest: bare.slowest,
         sweep_ms: sweep.ms,
         sweep_redis_ms: sweep.redis_ms,
         sweep_evalsha: sweep.evalsha as f64,
-        slowest_ms: sweep.slowest_ms,
+        slowest: sweep.slowest,
         swept: sweep.report.timed_out.len() as f64,
         refilled: sweep.report.started.len() as f64,
     }))
@@ -1061,7 +1100,7 @@ struct MeasuredTick {
     ms: f64,
     evalsha: u64,
     redis_ms: f64,
-    slowest_ms: Option<f64>,
+    slowest: Option<Slowest>,
 }
 
 async fn measured_tick(server: &Server, scheduler: &Scheduler) -> Result<MeasuredTick, String> {
@@ -1076,7 +1115,7 @@ async fn measured_tick(server: &Server, scheduler: &Scheduler) -> Result<Measure
         ms,
         evalsha: calls_after.saturating_sub(calls),
         redis_ms: usec_after.saturating_sub(usec) as f64 / 1000.0,
-        slowest_ms: server.slowest_evalsha_ms().await?,
+        slowest: server.slowest_evalsha().await?,
     })
 }
 
@@ -1124,9 +1163,6 @@ async fn sizes(server: &Server, s: &Settings) -> Result<Vec<SizeRow>, String> {
             })?);
         }
         let med = |f: fn(&SizeRun) -> f64| median(runs.iter().map(f).collect());
-        let slowest: Vec<f64> = runs.iter().filter_map(|r| r.slowest_ms).collect();
-        let fill_slowest: Vec<f64> = runs.iter().filter_map(|r| r.batch_fill_slowest_ms).collect();
-        let bare_slowest: Vec<f64> = runs.iter().filter_map(|r| r.bare_slowest_ms).collect();
         let median = SizeRun {
             build_ms: med(|r| r.build_ms),
             fill_ms: med(|r| r.fill_ms),
@@ -1140,16 +1176,16 @@ async fn sizes(server: &Server, s: &Settings) -> Result<Vec<SizeRow>, String> {
             fill_bytes_per_slot: med(|r| r.fill_bytes_per_slot),
             batch_fill_ms: med(|r| r.batch_fill_ms),
             batch_fill_evalsha: med(|r| r.batch_fill_evalsha),
-            batch_fill_slowest_ms: fill_slowest.into_iter().reduce(f64::max),
+            batch_fill_slowest: slowest_of(runs.iter().map(|r| r.batch_fill_slowest)),
             batch_fill_redis_ms: med(|r| r.batch_fill_redis_ms),
             bare_sweep_ms: med(|r| r.bare_sweep_ms),
             bare_sweep_redis_ms: med(|r| r.bare_sweep_redis_ms),
             bare_sweep_evalsha: med(|r| r.bare_sweep_evalsha),
-            bare_slowest_ms: bare_slowest.into_iter().reduce(f64::max),
+            bare_slowest: slowest_of(runs.iter().map(|r| r.bare_slowest)),
             sweep_redis_ms: med(|r| r.sweep_redis_ms),
             sweep_ms: med(|r| r.sweep_ms),
             sweep_evalsha: med(|r| r.sweep_evalsha),
-            slowest_ms: slowest.into_iter().reduce(f64::max),
+            slowest: slowest_of(runs.iter().map(|r| r.slowest)),
             swept: med(|r| r.swept),
             refilled: med(|r| r.refilled),
         };
@@ -1453,12 +1489,12 @@ impl Report {
         if !self.sizes.is_empty() {
             let cells = |f: &dyn Fn(&SizeRow) -> String| self.sizes.iter().map(f).collect::<Vec<_>>();
             let cell = |f: &dyn Fn(&SizeRun) -> String| cells(&|size| f(&size.median));
-            let slowest = |v: Option<f64>| match v {
+            let slowest = |v: Option<Slowest>| match v {
                 None => "n/a".to_owned(),
-                Some(v) if v < SLOWLOG_THRESHOLD_US as f64 / 1000.0 => {
+                Some(v) if v.ms < SLOWLOG_THRESHOLD_US as f64 / 1000.0 => {
                     format!("< {:.1}", SLOWLOG_THRESHOLD_US as f64 / 1000.0)
                 }
-                Some(v) => format!("{v:.2}"),
+                Some(v) => format!("{} {:.2}", v.script, v.ms),
             };
             let t = vec![
                 row("slots (N)", cells(&|size| thousands(size.n as f64))),
@@ -1503,7 +1539,7 @@ impl Report {
                 ),
                 row(
                     "  slowest script call (all runs), ms",
-                    cell(&|r| slowest(r.batch_fill_slowest_ms)),
+                    cell(&|r| slowest(r.batch_fill_slowest)),
                 ),
                 row("  EVALSHA", cell(&|r| thousands(r.batch_fill_evalsha))),
                 row(
@@ -1516,7 +1552,7 @@ impl Report {
                 ),
                 row(
                     "  slowest script call (all runs), ms",
-                    cell(&|r| slowest(r.bare_slowest_ms)),
+                    cell(&|r| slowest(r.bare_slowest)),
                 ),
                 row("  EVALSHA", cell(&|r| thousands(r.bare_sweep_evalsha))),
                 row(
@@ -1529,7 +1565,7 @@ impl Report {
                 ),
                 row(
                     "  slowest script call (all runs), ms",
-                    cell(&|r| slowest(r.slowest_ms)),
+                    cell(&|r| slowest(r.slowest)),
                 ),
                 row("  EVALSHA", cell(&|r| thousands(r.sweep_evalsha))),
                 row(
@@ -1591,13 +1627,17 @@ impl Report {
                     "fill_per_slot_to_mean_keepalive": r.fill_ratio_mean,
                     "steady_tick_ms": r.tick_ms, "steady_tick_evalsha": r.tick_evalsha,
                     "fill_poll_many_ms": r.batch_fill_ms, "fill_poll_many_evalsha": r.batch_fill_evalsha,
-                    "fill_poll_many_slowest_script_ms": r.batch_fill_slowest_ms,
+                    "fill_poll_many_slowest_script_ms": r.batch_fill_slowest.map(|v| v.ms),
+                    "fill_poll_many_slowest_script": r.batch_fill_slowest.map(|v| v.script),
                     "fill_poll_many_redis_ms": r.batch_fill_redis_ms, "sweep_redis_ms": r.sweep_redis_ms,
                     "sweep_no_refill_ms": r.bare_sweep_ms, "sweep_no_refill_redis_ms": r.bare_sweep_redis_ms,
                     "sweep_no_refill_evalsha": r.bare_sweep_evalsha,
-                    "sweep_no_refill_slowest_script_ms": r.bare_slowest_ms,
+                    "sweep_no_refill_slowest_script_ms": r.bare_slowest.map(|v| v.ms),
+                    "sweep_no_refill_slowest_script": r.bare_slowest.map(|v| v.script),
                     "sweep_ms": r.sweep_ms, "sweep_evalsha": r.sweep_evalsha,
-                    "sweep_slowest_script_ms": r.slowest_ms, "swept": r.swept, "refilled": r.refilled,
+                    "sweep_slowest_script_ms": r.slowest.map(|v| v.ms),
+                    "sweep_slowest_script": r.slowest.map(|v| v.script),
+                    "swept": r.swept, "refilled": r.refilled,
                     "redis_bytes_per_busy_slot": r.bytes_per_slot,
                     "redis_bytes_per_slot_added_by_fill": r.fill_bytes_per_slot,
                 })
@@ -1677,7 +1717,28 @@ async fn measure(server: &Server, s: &Settings) -> Result<Report, String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    /// Every script in lua/ (but common.lua, which comes in front of each) has a name
+    /// for the slowest call, found by its SHA1; an unknown SHA1 is "?".
+    fn every_script_is_named_by_its_sha() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/lua");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|f| f != "common.lua")
+            .collect();
+        files.sort();
+        let names: Vec<String> = SCRIPTS.iter().map(|(name, _)| format!("{name}.lua")).collect();
+        assert_eq!(files, names);
+        for (name, body) in SCRIPTS {
+            let sha = crate_script(body).get_hash().to_uppercase();
+            assert_eq!(script_named(&sha), name);
+        }
+        assert_eq!(script_named("0000"), "?");
+    }
 
     #[test]
     /// The stall meter spins for the time asked, and what it reports lost fits in it.
