@@ -61,6 +61,11 @@ const IDLE_LISTED: usize = 1000;
 /// time.
 const CLAIM_CHUNK: usize = 200;
 
+/// Entries of a hash that Redis keeps as a small listpack (its default
+/// `hash-max-listpack-entries`): the most slots a task bucket or deadline group should
+/// hold.
+const LISTPACK_ENTRIES: usize = 128;
+
 /// `Inner::batching`: the backend returned `None` from `poll_many` (polls one by one).
 const NO_BATCH: u8 = 2;
 
@@ -569,7 +574,33 @@ impl Scheduler {
         }
         inner.task_buckets.store(epoch.task_buckets, Ordering::Relaxed);
         *inner.epoch.lock().unwrap_or_else(|p| p.into_inner()) = epoch.id;
+        self.warn_if_outgrown(epoch.task_buckets);
         Ok(lost)
+    }
+
+    /// Warns when this config has more slots than the state's bucket count keeps in
+    /// small hashes: past [`LISTPACK_ENTRIES`] slots a bucket, the task buckets and
+    /// deadline groups of a busy scheduler become big hashes in Redis (README, Limits).
+    fn warn_if_outgrown(&self, buckets: u32) {
+        let inner = &self.inner;
+        let slots = inner.slots.len();
+        if slots <= LISTPACK_ENTRIES * buckets as usize {
+            return;
+        }
+        tracing::warn!(
+            scheduler = inner.name,
+            slots,
+            task_buckets = buckets,
+            "the state of scheduler {:?} in Redis has task_buckets = {buckets}, sized for \
+             about {} slots; this config has {slots}, about {} a bucket and a deadline group: past \
+             {LISTPACK_ENTRIES}, each is a big hash in Redis (about 135 more bytes a busy slot) \
+             and a due group is read whole. The count is set when the state is created: to \
+             size it for this config, delete the scheduler's keys while no task runs (README, \
+             Limits)",
+            inner.name,
+            32 * buckets as usize,
+            slots.div_ceil(buckets as usize),
+        );
     }
 
     /// The key of the task index's bucket that holds `task_id`'s entry: a HASH task

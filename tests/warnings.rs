@@ -165,3 +165,43 @@ async fn the_start_of_a_stop_refill_is_logged_at_debug_level() {
         "{started:?}"
     );
 }
+
+#[tokio::test]
+/// build() warns when the state's bucket count, set by the replica that created it,
+/// is too small for this config (more than 128 slots a bucket), and only then.
+async fn a_config_that_outgrew_the_bucket_count_is_warned_about() {
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
+    let fake = Fake::new("Jobs");
+    let warned = |capture: &Capture| {
+        let logs = capture.0.lock().unwrap().join("\n");
+        logs.contains("task_buckets =")
+    };
+    // Created by a 2-slot config: one bucket.
+    let name = unique_name("outgrown");
+    builder(&name, &fake, 2, Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    builder(&name, &fake, 128, Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    assert!(!warned(&capture), "128 slots fit one bucket");
+    builder(&name, &fake, 300, Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    let logs = capture.0.lock().unwrap().join("\n");
+    assert!(
+        logs.contains("has task_buckets = 1,") && logs.contains("this config has 300"),
+        "{logs}"
+    );
+    // A state created by the 300-slot config itself: no warning.
+    capture.0.lock().unwrap().clear();
+    builder(&unique_name("sized"), &fake, 300, Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    assert!(!warned(&capture), "{:?}", capture.0.lock().unwrap());
+}
