@@ -98,12 +98,15 @@ async fn chaos_kill_between_claim_and_start() {
 /// batched claims (`poll_many`) and tiny chunks: 24 slots, all in one group of the
 /// deadline index, claimed 4 per call and swept 3 per call, so fills and sweeps run
 /// in many pipelined calls and every sweep of more than 3 slots splits the group.
+/// The stop and timeout callbacks take 30 ms each, so that a kill often lands
+/// between a sweep and its free: another replica must reclaim those slots.
 async fn chaos_chunked_kill_replica() {
     run_scenario(Scenario {
         slots: 24,
         poll_many: true,
         claim_chunk: 4,
         sweep_chunk: 3,
+        callback_delay_ms: 30,
         ..Scenario::new("chunked_kill", Fault::KillReplica)
     })
     .await;

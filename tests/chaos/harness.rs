@@ -71,6 +71,8 @@ pub struct Scenario {
     pub timeout_ms: u64,
     pub tick_ms: u64,
     pub start_delay_ms: u64,
+    /// A pause in the replicas' stop and timeout callbacks (see `ReplicaConfig`).
+    pub callback_delay_ms: u64,
     /// Whether the backend provides `poll_many` (batched claims).
     pub poll_many: bool,
     /// The replicas' `claim_chunk` and `sweep_chunk`; 0 leaves the library's default.
@@ -88,6 +90,7 @@ impl Scenario {
             timeout_ms: 1500,
             tick_ms: 30,
             start_delay_ms: if fault == Fault::KillInStartWindow { 150 } else { 0 },
+            callback_delay_ms: 0,
             poll_many: false,
             claim_chunk: 0,
             sweep_chunk: 0,
@@ -546,6 +549,7 @@ async fn run_once(sc: &Scenario, seconds: f64, run_no: u64) -> (Report, PathBuf)
         tick_ms: sc.tick_ms,
         history: history_path.clone(),
         start_delay_ms: sc.start_delay_ms,
+        callback_delay_ms: sc.callback_delay_ms,
         seed,
         spawn: 0,
         poll_many: sc.poll_many,

@@ -29,6 +29,10 @@ pub struct ReplicaConfig {
     /// Test-only pause at the top of `start_callback`, after the claim: widens the
     /// window in which a `kill -9` leaves a claimed slot whose start never ran.
     pub start_delay_ms: u64,
+    /// Test-only pause in `stop_callback` and `timeout_callback`: widens the window
+    /// between a sweep and its free, where a `kill -9` leaves stopping slots that
+    /// another replica must reclaim.
+    pub callback_delay_ms: u64,
     pub seed: u64,
     pub spawn: u64,
     /// Whether the backend provides `poll_many` (the head of the backlog).
@@ -51,6 +55,7 @@ impl ReplicaConfig {
             ("CHAOS_TICK_MS", self.tick_ms.to_string()),
             ("CHAOS_HISTORY", self.history.display().to_string()),
             ("CHAOS_START_DELAY_MS", self.start_delay_ms.to_string()),
+            ("CHAOS_CALLBACK_DELAY_MS", self.callback_delay_ms.to_string()),
             ("CHAOS_SEED", self.seed.to_string()),
             ("CHAOS_SPAWN", self.spawn.to_string()),
             ("CHAOS_POLL_MANY", u8::from(self.poll_many).to_string()),
@@ -79,6 +84,7 @@ impl ReplicaConfig {
             tick_ms: num("CHAOS_TICK_MS"),
             history: PathBuf::from(var("CHAOS_HISTORY")),
             start_delay_ms: num("CHAOS_START_DELAY_MS"),
+            callback_delay_ms: num("CHAOS_CALLBACK_DELAY_MS"),
             seed: num("CHAOS_SEED"),
             spawn: num("CHAOS_SPAWN"),
             poll_many: num("CHAOS_POLL_MANY") == 1,
@@ -206,6 +212,7 @@ struct Chaos {
     drain: Arc<AtomicBool>,
     rng: Arc<Mutex<Rng>>,
     start_delay: Duration,
+    callback_delay: Duration,
     keepalive_every: Duration,
     /// Whether `poll_many` is provided.
     batch: bool,
@@ -352,12 +359,14 @@ impl Backend for Chaos {
     }
 
     async fn stop_with_lease(&self, task_id: &str, lease: u64) -> Result<(), BoxError> {
+        tokio::time::sleep(self.callback_delay).await;
         self.history
             .log("stop_callback", json!({ "task": task_id, "lease": lease }));
         Ok(())
     }
 
     async fn timeout_with_lease(&self, task_id: &str, lease: u64) -> Result<(), BoxError> {
+        tokio::time::sleep(self.callback_delay).await;
         self.history
             .log("timeout_callback", json!({ "task": task_id, "lease": lease }));
         Ok(())
@@ -561,6 +570,7 @@ async fn replica(config: ReplicaConfig, history: Arc<History>, drain: Arc<Atomic
         drain: drain.clone(),
         rng: rng.clone(),
         start_delay: Duration::from_millis(config.start_delay_ms),
+        callback_delay: Duration::from_millis(config.callback_delay_ms),
         keepalive_every: Duration::from_millis((config.timeout_ms / 4).max(50)),
         batch: config.poll_many,
     };
