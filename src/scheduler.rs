@@ -1067,7 +1067,8 @@ impl Scheduler {
         self.remember(&task_id, slot_id);
         match backend.call(Callback::Start, &task_id, lease).await {
             Ok(()) => {
-                // The one trace of a start by `stop()`'s refill, which returns no report.
+                // The trace of a start by `stop()`'s refill, whose report only
+                // `stop_and_report` returns.
                 tracing::debug!(slot_id, task_id, backend = name, lease, "started");
                 report.started.push(SlotTask {
                     slot_id: slot_id.to_owned(),
