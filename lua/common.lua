@@ -206,9 +206,10 @@ end
 -- Finds the slot that holds `task_id` through its bucket of the task index, and checks the
 -- caller's belief that it is `slot_id`. Returns the busy slot, or nil and the reply to
 -- give: {"WRONG_TASK"} (no hold, or one that is stopping) or {"MOVED", owner}. Raises
--- CORRUPT when index and slot disagree.
+-- CORRUPT when index and slot disagree, or when the bucket is not a hash (its read
+-- checks its type). Never writes.
 local function slot_of_task(bucket_key, slot_key, task_id, slot_id)
-  local owner = redis.call('HGET', bucket_key, task_id)
+  local owner = read_checked('hash', 'HGET', bucket_key, task_id)
   if not owner then
     return nil, {'WRONG_TASK'}
   end

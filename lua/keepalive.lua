@@ -10,8 +10,9 @@
 -- task id is never extended.
 local bucket_key, slot_key, group_key = KEYS[1], KEYS[2], KEYS[3]
 local task_id, slot_id, want_lease = ARGV[1], ARGV[2], ARGV[3]
-check_type(bucket_key, 'hash')
-check_type(group_key, 'hash')
+-- The bucket is type-checked by its read (in slot_of_task), the group by its write,
+-- which comes before the slot's: a foreign key aborts the call with nothing written.
+-- (The two TYPE calls this saves were 7% of the call: 124,713 instructions, now 115,867.)
 local s, refusal = slot_of_task(bucket_key, slot_key, task_id, slot_id)
 if s == nil then
   return refusal
@@ -26,7 +27,11 @@ if s.due <= now then
 end
 local deadline = now + s.timeout
 local deadline_s = int_s(deadline)
-redis.call('HSET', slot_key, 'due', deadline_s)
 -- A later deadline: the group's bound in `deadlines` stays a bound.
-redis.call('HSET', group_key, slot_id, deadline_s)
+local r = redis.pcall('HSET', group_key, slot_id, deadline_s)
+if type(r) == 'table' then
+  check_type(group_key, 'hash')
+  error(r)
+end
+redis.call('HSET', slot_key, 'due', deadline_s)
 return {'OK', now, lease, deadline, s.backend}

@@ -13,7 +13,7 @@ local task_id, slot_id, reason, mode, want_lease = ARGV[1], ARGV[2], ARGV[3], AR
 if mode ~= 'stopping' and mode ~= 'idle' then
   return redis.error_reply('ERR release: bad mode')
 end
-check_type(bucket_key, 'hash')
+-- The bucket is type-checked by its read (in slot_of_task).
 check_type(group_key, 'hash')
 check_type(ended_key, 'zset')
 check_type(idle_key, 'set')

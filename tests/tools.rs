@@ -30,11 +30,15 @@ fn workload_ok(args: &[&str]) -> String {
 
 #[test]
 /// Each step prints what it did: the fill started every slot, every task got its
-/// keepalive, the sweep timed out and refilled every slot.
+/// keepalive, every stop refilled its slot, the sweep timed out and refilled every slot.
 fn workload_does_each_step_it_names() {
-    let text = workload_ok(&["--slots", "40", "--poll-many", "--keepalive"]);
+    let text = workload_ok(&["--slots", "40", "--poll-many", "--keepalive", "--stop"]);
     assert!(text.contains("fill (poll_many): 40 started"), "{text}");
     assert!(text.contains("keepalive: 40 tasks one by one"), "{text}");
+    assert!(
+        text.contains("stop: 40 tasks one by one, 40 slots refilled"),
+        "{text}"
+    );
 
     let text = workload_ok(&["--slots", "30", "--sweep"]);
     assert!(text.contains("fill (slot by slot): 30 started"), "{text}");

@@ -4,7 +4,7 @@
 //! task-semaphore demo [--slots N] [--tasks N]
 //! task-semaphore inspect --name NAME [--redis-url URL] [--prefix P] [--json]
 //! task-semaphore bench [--quick] [--json] [--runs R] [--sizes 1000,10000,100000]
-//! task-semaphore workload [--slots N] [--poll-many] [--keepalive] [--sweep]
+//! task-semaphore workload [--slots N] [--poll-many] [--keepalive] [--stop] [--sweep]
 //! ```
 
 mod bench;
@@ -32,7 +32,7 @@ usage:
       Measures throughput, latency, tick cost and memory: the median of R runs
       (default 5; at most 3 at 100,000 slots and more). --quick: one run, 1,000 slots,
       shorter phases. Uses REDIS_URL if set, else a throwaway redis-server.
-  task-semaphore workload [--slots N] [--poll-many] [--keepalive] [--sweep]
+  task-semaphore workload [--slots N] [--poll-many] [--keepalive] [--stop] [--sweep]
       One fixed piece of work: build N slots (default 1,000), fill them (slot by slot,
       or with poll_many), with --keepalive send one keepalive per task, and with
       --sweep let them expire and sweep and refill them.

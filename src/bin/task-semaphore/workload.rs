@@ -10,15 +10,16 @@ use crate::bench::Endless;
 use crate::redis_server::ThrowawayRedis;
 use crate::{error_chain, number, parse_flags};
 
-/// Reads `--slots N [--poll-many] [--keepalive] [--sweep]`, then: build a scheduler
-/// of N slots, fill them (slot by slot, or with `poll_many`), with `--keepalive` send
-/// one keepalive per task, and with `--sweep` let every slot expire and run the tick
-/// that sweeps and refills them. Prints each step's time.
+/// Reads `--slots N [--poll-many] [--keepalive] [--stop] [--sweep]`, then: build a
+/// scheduler of N slots, fill them (slot by slot, or with `poll_many`), with
+/// `--keepalive` send one keepalive per task, with `--stop` stop each task (each stop
+/// refills its slot), and with `--sweep` let every slot expire and run the tick that
+/// sweeps and refills them. Prints each step's time.
 pub(crate) async fn workload(args: &[String]) -> Result<(), String> {
-    let flags = parse_flags(args, &["poll-many", "keepalive", "sweep"])?;
+    let flags = parse_flags(args, &["poll-many", "keepalive", "stop", "sweep"])?;
     if let Some(unknown) = flags
         .keys()
-        .find(|k| !["slots", "poll-many", "keepalive", "sweep"].contains(&k.as_str()))
+        .find(|k| !["slots", "poll-many", "keepalive", "stop", "sweep"].contains(&k.as_str()))
     {
         return Err(format!("workload has no option --{unknown}"));
     }
@@ -68,6 +69,19 @@ pub(crate) async fn workload(args: &[String]) -> Result<(), String> {
         }
         println!(
             "keepalive: {} tasks one by one, {:.1} ms",
+            filled.started.len(),
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    if flags.contains_key("stop") {
+        let t = Instant::now();
+        let mut refilled = 0;
+        for held in &filled.started {
+            let report = scheduler.stop_and_report(&held.task_id).await.map_err(fail)?;
+            refilled += report.started.len();
+        }
+        println!(
+            "stop: {} tasks one by one, {refilled} slots refilled, {:.1} ms",
             filled.started.len(),
             t.elapsed().as_secs_f64() * 1000.0
         );
