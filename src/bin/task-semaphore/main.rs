@@ -34,8 +34,9 @@ usage:
       shorter phases. Uses REDIS_URL if set, else a throwaway redis-server.
   task-semaphore workload [--slots N] [--poll-many] [--keepalive] [--stop] [--sweep]
       One fixed piece of work: build N slots (default 1,000), fill them (slot by slot,
-      or with poll_many), with --keepalive send one keepalive per task, and with
-      --sweep let them expire and sweep and refill them.
+      or with poll_many), with --keepalive send one keepalive per task, with --stop
+      stop each task (its slot is refilled), and with --sweep let them expire and
+      sweep and refill them.
       For counting script costs (make script-cost). Uses REDIS_URL if set, else a
       throwaway redis-server.";
 
