@@ -44,8 +44,8 @@ M = [
  ("M38 sweep settles a group that continues in the next call", "lua/sweep.lua", "  if j ~= open then\n    local low", "  if true then\n    local low"),
  ("M39 sweep skips the type check of a group that continues", "lua/sweep.lua", "    check_type(key, 'hash')\n  else", "  else"),
  ("M11 strict numbers off", "lua/common.lua", "find(v, '^%d+$') ~= nil", "true"),
- ("M40 keepalive writes the slot before its group's type is known", "lua/keepalive.lua", "local r = redis.pcall('HSET', group_key", "redis.call('HSET', slot_key, 'due', deadline_s)\nlocal r = redis.pcall('HSET', group_key"),
- ("M41 keepalive's failed group write does not name the group", "lua/keepalive.lua", "  check_type(group_key, 'hash')\n  error(r)", "  error(r)"),
+ ("M40 keepalive writes the slot before its group's type is known", "lua/keepalive.lua", "read_checked('hash', 'HSET', group_key", "redis.call('HSET', slot_key, 'due', deadline_s)\nread_checked('hash', 'HSET', group_key"),
+ ("M41 keepalive's group write is not type-checked", "lua/keepalive.lua", "read_checked('hash', 'HSET', group_key, slot_id, deadline_s)", "redis.call('HSET', group_key, slot_id, deadline_s)"),
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP = os.path.join(tempfile.gettempdir(), "task-semaphore-mutation.bak")

@@ -24,7 +24,8 @@ end
 
 -- Runs a read with redis.pcall; a WRONGTYPE (or any error) from a key that is not a
 -- `want` aborts the script (before any write) with an error naming the key. Saves
--- the separate TYPE call of check_type for a key the script reads anyway.
+-- the separate TYPE call of check_type for a key the script reads anyway. It fits the
+-- script's first write as well (a write refused for the key's type writes nothing).
 local function read_checked(want, cmd, key, ...)
   local r = redis.pcall(cmd, key, ...)
   if type(r) == 'table' and r.err then

@@ -12,7 +12,7 @@ local bucket_key, slot_key, group_key = KEYS[1], KEYS[2], KEYS[3]
 local task_id, slot_id, want_lease = ARGV[1], ARGV[2], ARGV[3]
 -- The bucket is type-checked by its read (in slot_of_task), the group by its write,
 -- which comes before the slot's: a foreign key aborts the call with nothing written.
--- (The two TYPE calls this saves were 7% of the call: 124,713 instructions, now 115,867.)
+-- (Without its two TYPE calls a call costs 116,599 instructions, not 124,713.)
 local s, refusal = slot_of_task(bucket_key, slot_key, task_id, slot_id)
 if s == nil then
   return refusal
@@ -28,10 +28,6 @@ end
 local deadline = now + s.timeout
 local deadline_s = int_s(deadline)
 -- A later deadline: the group's bound in `deadlines` stays a bound.
-local r = redis.pcall('HSET', group_key, slot_id, deadline_s)
-if type(r) == 'table' then
-  check_type(group_key, 'hash')
-  error(r)
-end
+read_checked('hash', 'HSET', group_key, slot_id, deadline_s)
 redis.call('HSET', slot_key, 'due', deadline_s)
 return {'OK', now, lease, deadline, s.backend}
