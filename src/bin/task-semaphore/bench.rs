@@ -255,7 +255,7 @@ impl Server {
         Err(format!("Redis time did not reach {target_ms} within {limit:?}"))
     }
 
-    /// Deletes every key matching `pattern` with `command` (DEL or UNLINK); returns how many.
+    /// Empties the throwaway server's SLOWLOG (a server of `REDIS_URL` is left alone).
     async fn reset_slowlog(&self) -> Result<(), String> {
         if self.own.is_some() {
             self.query::<()>("resetting the slowlog", redis::cmd("SLOWLOG").arg("RESET"))
@@ -281,6 +281,7 @@ impl Server {
         }))
     }
 
+    /// Deletes every key matching `pattern` with `command` (DEL or UNLINK); returns how many.
     async fn delete_keys(&self, pattern: &str, command: &str) -> Result<usize, String> {
         let mut cursor: u64 = 0;
         let mut deleted = 0;
