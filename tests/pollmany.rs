@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{builder, holders, redis_url, tasks, unique_name, Fake};
+use common::{builder, holders, raw, redis_url, tasks, unique_name, Fake, PrivateRedis};
 use task_semaphore::{Scheduler, SlotConfig, Stage};
 
 const LONG: Duration = Duration::from_secs(3600);
@@ -241,4 +241,98 @@ async fn many_chunks_in_flight_keep_each_hold_whole() {
         );
         assert_eq!(ledger.events_of(&format!("t{}", N + i)), ["start"], "t{}", N + i);
     }
+}
+
+/// `errorstat_NOSCRIPT` of `INFO errorstats`: how many calls the server has answered
+/// NOSCRIPT so far.
+async fn noscript_replies(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("errorstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("errorstat_NOSCRIPT:count="))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+async fn flush_scripts(conn: &mut redis::aio::MultiplexedConnection) {
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(conn).await.unwrap();
+}
+
+#[tokio::test]
+/// A script cache flushed before a chunked fill and before a chunked sweep (calls in
+/// flight at once, answered NOSCRIPT), and again and again during the sweep: every
+/// call reloads its script, and each hold starts, times out and is refilled once.
+async fn noscript_in_chunked_calls_in_flight_is_recovered() {
+    const N: usize = 120;
+    // A private server when there is one: a flush storm on the shared server would
+    // slow the other tests (they would recover all the same).
+    let private = PrivateRedis::start(&[]);
+    let url = private.as_ref().map_or_else(redis_url, PrivateRedis::url);
+    let name = unique_name("noscriptchunks");
+    let fake = batching("Jobs", tasks("t", 2 * N));
+    let s = builder(&name, &fake, N, Duration::from_millis(800))
+        .redis_url(url.clone())
+        .claim_chunk(10)
+        .sweep_chunk(10)
+        .build()
+        .await
+        .unwrap();
+    let mut conn = raw(&url).await;
+
+    // 12 claim calls, the first ones sent together into an empty script cache.
+    let before = noscript_replies(&mut conn).await;
+    flush_scripts(&mut conn).await;
+    let filled = s.schedule().await.unwrap();
+    assert!(filled.errors.is_empty(), "{:?}", filled.errors);
+    assert_eq!(filled.started.len(), N);
+    // The tick's call and at least the first claim call were answered NOSCRIPT.
+    let after_fill = noscript_replies(&mut conn).await;
+    assert!(
+        after_fill >= before + 2,
+        "NOSCRIPT replies: {before} -> {after_fill}"
+    );
+
+    // 12 sweep and 12 free calls, then 12 claim calls, under a flush storm when the
+    // server is this test's own.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    flush_scripts(&mut conn).await;
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let storm = private.is_some().then(|| {
+        let mut conn = conn.clone();
+        tokio::spawn(async move {
+            while stopped.try_recv().is_err() {
+                flush_scripts(&mut conn).await;
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        })
+    });
+    let swept = s.schedule().await.unwrap();
+    stop.send(()).unwrap();
+    if let Some(storm) = storm {
+        storm.await.unwrap();
+    }
+    assert!(swept.errors.is_empty(), "{:?}", swept.errors);
+    assert_eq!(swept.timed_out.len(), N);
+    assert_eq!(swept.started.len(), N);
+    let after_sweep = noscript_replies(&mut conn).await;
+    assert!(
+        after_sweep > after_fill,
+        "NOSCRIPT replies: {after_fill} -> {after_sweep}"
+    );
+    {
+        let ledger = fake.ledger();
+        for i in 0..N {
+            assert_eq!(
+                ledger.events_of(&format!("t{i}")),
+                ["start", "timeout", "stop"],
+                "t{i}"
+            );
+            assert_eq!(ledger.events_of(&format!("t{}", N + i)), ["start"], "t{}", N + i);
+        }
+    }
+    // Redis agrees: every slot holds one of the refills.
+    let held: std::collections::BTreeSet<_> = holders(&s).await.into_values().flatten().collect();
+    assert_eq!(held, (N..2 * N).map(|i| format!("t{i}")).collect());
 }
