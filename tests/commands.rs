@@ -371,3 +371,51 @@ async fn the_largest_chunks_take_max_chunk_slots_per_call() {
     assert_eq!(slots_per_call(&lines, "sweep.lua"), [n]);
     assert_eq!(slots_per_call(&lines, "free.lua"), [n]);
 }
+
+/// `total_connections_received` of `INFO stats`: connections the server has accepted.
+async fn connections_received(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("stats").query_async(conn).await.unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+/// A scheduler and its clones send every request over one connection, shared by
+/// concurrent callers: a build, a fill of 1,000 slots, 1,000 keepalives and 200 stops
+/// from 32 callers at once, and 10 ticks open exactly one connection to Redis.
+async fn one_connection_serves_every_call() {
+    let Some(server) = PrivateRedis::start(&[]) else {
+        return;
+    };
+    let url = server.url();
+    let mut conn = common::raw(&url).await;
+    let before = connections_received(&mut conn).await;
+    let name = unique_name("oneconn");
+    let mut fake = Fake::with_tasks("Jobs", tasks("t", N + 200));
+    fake.batch = true;
+    let s = build(&url, &name, &fake, Duration::from_secs(3600)).await;
+    assert_eq!(s.schedule().await.unwrap().started.len(), N);
+    // 32 callers at once, each over its share of the tasks; each stop refills its slot.
+    let callers = (0..32).map(|w| {
+        let s = s.clone();
+        async move {
+            for i in (w..N).step_by(32) {
+                s.keepalive(&format!("t{i}")).await.unwrap();
+            }
+            for i in (w..200).step_by(32) {
+                s.stop(&format!("t{i}")).await.unwrap();
+            }
+        }
+    });
+    futures::future::join_all(callers).await;
+    for _ in 0..10 {
+        assert!(s.schedule().await.unwrap().errors.is_empty());
+    }
+    assert_eq!(fake.ledger().running.len(), N);
+    let after = connections_received(&mut conn).await;
+    assert_eq!(after - before, 1, "connections opened by the scheduler");
+}
