@@ -603,6 +603,19 @@ impl Scheduler {
         );
     }
 
+    /// The key of slot `slot_id`'s hash: its config and holder as plain-text fields,
+    /// which `redis-cli HGETALL <key>` shows (see the README, "Redis keys").
+    pub fn slot_key(&self, slot_id: &str) -> String {
+        self.inner.keys.slot(slot_id)
+    }
+
+    /// The key of the `deadlines` sorted set: each group of the deadline index with a
+    /// bound (ms) no later than any time in it, which `redis-cli ZRANGE <key> 0 -1
+    /// WITHSCORES` shows.
+    pub fn deadlines_key(&self) -> String {
+        self.inner.keys.deadlines.clone()
+    }
+
     /// The key of the task index's bucket that holds `task_id`'s entry: a HASH task
     /// id → slot id, which `redis-cli HGET <key> <task id>` reads (see the README,
     /// "Redis keys"). The bucket count is the epoch's, as this replica last saw it.

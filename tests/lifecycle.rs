@@ -367,6 +367,10 @@ async fn slot_hash_is_readable_as_documented() {
         .await
         .unwrap();
     let lease = s.schedule().await.unwrap().started[0].lease;
+    // The key names the scheduler gives operators are the documented ones.
+    assert_eq!(s.slot_key("1"), key(&name, "slot:1"));
+    assert_eq!(s.deadlines_key(), key(&name, "deadlines"));
+    assert_eq!(s.deadline_group_key("1"), key(&name, "due:0"));
     let mut r = raw(&common::redis_url()).await;
     let h: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
         .arg(key(&name, "slot:1"))

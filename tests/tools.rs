@@ -1,5 +1,6 @@
-//! The measuring tools of the `task-semaphore` binary: `workload` (what `make
-//! script-cost` runs) does the work it names, against the test Redis.
+//! The `task-semaphore` binary against the test Redis: `workload` (what `make
+//! script-cost` runs) does the work it names, and `demo` (what `make demo` runs)
+//! keeps its promises.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -55,4 +56,36 @@ fn workload_refuses_unknown_options() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--keep-alive"), "{err}");
+}
+
+#[test]
+/// `demo` runs every task once within the cap, and the keys it tells the operator to
+/// read are the README's (a slot, its deadline group, `deadlines`, a task bucket).
+fn demo_runs_its_backlog_and_names_the_documented_keys() {
+    let out = Command::new(env!("CARGO_BIN_EXE_task-semaphore"))
+        .args(["demo", "--slots", "2", "--tasks", "5"])
+        .env("REDIS_URL", common::redis_url())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("All 5 tasks ran once each, never more than 2 at a time."),
+        "{text}"
+    );
+    assert!(text.contains("  starts            5, one lease each"), "{text}");
+    let name = text
+        .split("Scheduler \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap();
+    // Two slots: one bucket of the task index and one group of the deadline index.
+    for part in ["slot:1", "due:0", "deadlines", "tasks:0"] {
+        let key = common::key(name, part);
+        assert!(text.contains(&format!("'{key}'")), "{key} not in\n{text}");
+    }
 }

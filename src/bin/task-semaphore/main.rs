@@ -409,9 +409,10 @@ async fn demo(args: &[String]) -> Result<(), String> {
     );
     println!("Look at the live keys while it runs:");
     println!("  {cli} --scan --pattern '{}'", scheduler.key_pattern());
-    println!("  {cli} HGETALL 'task_semaphore:{{{name}}}:slot:1'");
-    println!("  {cli} ZRANGE 'task_semaphore:{{{name}}}:deadlines' 0 -1 WITHSCORES");
-    println!("  {cli} HGETALL 'task_semaphore:{{{name}}}:tasks'");
+    println!("  {cli} HGETALL '{}'", scheduler.slot_key("1"));
+    println!("  {cli} HGETALL '{}'", scheduler.deadline_group_key("1"));
+    println!("  {cli} ZRANGE '{}' 0 -1 WITHSCORES", scheduler.deadlines_key());
+    println!("  {cli} HGETALL '{}'", scheduler.task_index_key("job-000"));
     println!(
         "  task-semaphore inspect --redis-url {} --name {name}",
         redacted(&url)
@@ -449,17 +450,27 @@ async fn demo(args: &[String]) -> Result<(), String> {
 
     // Read Redis before taking the lock: the backend's inspect takes it too.
     let last_lease = scheduler.inspect().await.map_err(|e| error_chain(&e))?.last_lease;
-    let (finished, timed_out, keepalives, max_running, most_starts) = {
+    let (finished, timed_out, keepalives, max_running, starts, most_starts) = {
         let s = state.lock().unwrap_or_else(|p| p.into_inner());
         let most_starts = s.starts.values().copied().max().unwrap_or(0);
-        (s.finished, s.timed_out, s.keepalives, s.max_running, most_starts)
+        let starts: usize = s.starts.values().sum();
+        (
+            s.finished,
+            s.timed_out,
+            s.keepalives,
+            s.max_running,
+            starts,
+            most_starts,
+        )
     };
     println!("\nSummary after {:.1}s:", started_at.elapsed().as_secs_f64());
     println!("  tasks             {total}");
     println!("  finished          {finished}");
     println!("  timed out         {timed_out}");
     println!("  keepalives sent   {keepalives}");
-    println!("  leases handed out {last_lease}");
+    // Lease numbers start at Redis time in ms x 100 (README, "Redis keys"), so the
+    // last one is no count: the starts are.
+    println!("  starts            {starts}, one lease each (the last: {last_lease})");
     println!("  most running      {max_running} (cap {slots})");
     println!("  most starts/task  {most_starts}");
     println!("  tick errors       {tick_errors}");
