@@ -22,7 +22,7 @@ M = [
  ("M16 reclaim skips callbacks", "lua/sweep.lua", "    redis.call('HSET', key, 'reclaim', reclaim)\n    set_time(j, id, reclaim, now + s.timeout)\n    put(out, 'R')", "    make_idle(key, id, KEYS[2], KEYS[3 + n + j])\n    times[j][id] = nil\n    put(out, 'R')"),
  ("M17 claim ignores quarantine", "lua/claim.lua", "if now < quarantine then", "if false then"),
  ("M18 epoch change unnoticed", "lua/epoch.lua", "elseif seen ~= '' and current ~= seen then", "elseif false then"),
- ("M19 lease counter not time-based", "lua/claim.lua", "  lease = now * 100\n", "  lease = 0\n"),
+ ("M19 lease counter not time-based", "lua/claim.lua", "local lease = now * 100\n", "local lease = 0\n"),
  ("M20 lost counter not time-based", "lua/epoch.lua", "    floor = math.max(floor, now * 100)\n", ""),
  ("M21 claim's reads not type-checked", "lua/common.lua", "  if type(r) == 'table' and r.err then\n    check_type(key, want)", "  if false then\n    check_type(key, want)"),
  ("M22 claim's stale check reads the wrong task", "lua/claim.lua", "    local ended_at = ended[i]", "    local ended_at = ended[1]"),

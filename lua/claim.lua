@@ -20,8 +20,9 @@
 -- and whether the task holds a slot already (HSETNX of its index entry; a claim that
 -- fails there undoes its earlier writes, or leaves them harmless).
 -- QUARANTINE: state was lost (see epoch.lua) and no slot is granted before
--- quarantine_until_ms. A missing lease counter starts at Redis time in ms x 100, so
--- that leases do not repeat even when the state is lost and no replica noticed.
+-- quarantine_until_ms. A lease is never below Redis time in ms x 100 (a missing
+-- counter starts there), so that leases do not repeat even when the state is lost
+-- and no replica noticed.
 -- STALE: the task ended at or after polled_at_ms (the poll may predate its start),
 -- or the poll is older than stale_after_ms. Either way the caller polls again later.
 local deadlines_key, idle_key, ended_key, lease_key, epoch_key =
@@ -203,10 +204,13 @@ end
 local out = {}
 put(out, now_s)
 -- Numbers become strings once (a Lua number passed to redis.call is formatted each
--- time). A missing lease counter starts at Redis time in ms x 100.
-local lease = last
-if not last_lease then
-  lease = now * 100
+-- time). The counter never lags Redis time in ms x 100 (a missing one starts there):
+-- after a loss of the state, the first lease granted once the quarantine is over is
+-- above every lease of the lost generation, unless those ran more than 100 x the
+-- quarantine's milliseconds ahead of that clock (README, Limits).
+local lease = now * 100
+if last and last > lease then
+  lease = last
 end
 local first_lease = lease
 -- The last lease granted, as a string: the counter's new value.

@@ -202,6 +202,37 @@ async fn leases_do_not_repeat_when_the_detector_saw_fewer() {
 }
 
 #[tokio::test]
+/// The lost generation's leases ran ahead of Redis time x 100 (a burst of claims, more
+/// than 100 a millisecond, as a batched fill makes; here the counter is pushed 20,000
+/// ahead), and the replica that detects the loss never saw them: the first lease after
+/// the quarantine is still above them, because a claim's lease never lags the clock.
+async fn leases_after_the_quarantine_are_above_a_lost_burst() {
+    let name = unique_name("leaseburst");
+    let (fa, fb) = (Fake::with_tasks("Jobs", ["a"]), Fake::with_tasks("Jobs", ["b"]));
+    let timeout = Duration::from_millis(600);
+    let a = builder(&name, &fa, 2, timeout).build().await.unwrap();
+    let b = builder(&name, &fb, 2, timeout).build().await.unwrap();
+    let la = a.schedule().await.unwrap().started[0].lease;
+    let mut conn = raw(&redis_url()).await;
+    let _: () = redis::cmd("SET")
+        .arg(key(&name, "lease"))
+        .arg(la + 20_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let lb = b.schedule().await.unwrap().started[0].lease;
+    assert_eq!(lb, la + 20_001);
+    lose_state(&name).await;
+    // Only `a` (which saw la, 20,000 below lb) ticks: it detects the loss.
+    let r = a.schedule().await.unwrap();
+    assert!(r.state_lost && r.started.is_empty(), "{r:?}");
+    tokio::time::sleep(timeout + Duration::from_millis(50)).await;
+    fa.push(["c"]);
+    let lc = a.schedule().await.unwrap().started[0].lease;
+    assert!(lc > lb, "lease {lc} after the loss repeats one of before ({lb})");
+}
+
+#[tokio::test]
 /// The quarantine runs from the new epoch's creation: a replica that notices the loss
 /// later (it was cut off from Redis meanwhile) reports it, but neither extends the
 /// quarantine nor starts a new one once it is over. Every lease of the lost
