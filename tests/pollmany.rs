@@ -232,14 +232,20 @@ async fn many_chunks_in_flight_keep_each_hold_whole() {
     timed_out.sort();
     assert_eq!(timed_out, started);
     assert_eq!(swept.started.len(), N);
+    assert_swept_and_refilled_once(&fake, N);
+}
+
+/// Tasks t0..t{n-1} started, timed out and stopped once each, and t{n}..t{2n-1} (their
+/// refills) started once each.
+fn assert_swept_and_refilled_once(fake: &Fake, n: usize) {
     let ledger = fake.ledger();
-    for i in 0..N {
+    for i in 0..n {
         assert_eq!(
             ledger.events_of(&format!("t{i}")),
             ["start", "timeout", "stop"],
             "t{i}"
         );
-        assert_eq!(ledger.events_of(&format!("t{}", N + i)), ["start"], "t{}", N + i);
+        assert_eq!(ledger.events_of(&format!("t{}", n + i)), ["start"], "t{}", n + i);
     }
 }
 
@@ -321,17 +327,7 @@ async fn noscript_in_chunked_calls_in_flight_is_recovered() {
         after_sweep > after_fill,
         "NOSCRIPT replies: {after_fill} -> {after_sweep}"
     );
-    {
-        let ledger = fake.ledger();
-        for i in 0..N {
-            assert_eq!(
-                ledger.events_of(&format!("t{i}")),
-                ["start", "timeout", "stop"],
-                "t{i}"
-            );
-            assert_eq!(ledger.events_of(&format!("t{}", N + i)), ["start"], "t{}", N + i);
-        }
-    }
+    assert_swept_and_refilled_once(&fake, N);
     // Redis agrees: every slot holds one of the refills.
     let held: std::collections::BTreeSet<_> = holders(&s).await.into_values().flatten().collect();
     assert_eq!(held, (N..2 * N).map(|i| format!("t{i}")).collect());
