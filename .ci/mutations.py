@@ -47,6 +47,7 @@ M = [
  ("M40 keepalive writes the slot before its group's type is known", "lua/keepalive.lua", "read_checked('hash', 'HSET', group_key", "redis.call('HSET', slot_key, 'due', deadline_s)\nread_checked('hash', 'HSET', group_key"),
  ("M41 keepalive's group write is not type-checked", "lua/keepalive.lua", "read_checked('hash', 'HSET', group_key, slot_id, deadline_s)", "redis.call('HSET', group_key, slot_id, deadline_s)"),
 ]
+ANCHOR_TEST = "every_mutation_anchor_is_found_once"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP = os.path.join(tempfile.gettempdir(), "task-semaphore-mutation.bak")
 sel = sys.argv[1:]
@@ -69,6 +70,9 @@ for name, path, old, new in M:
         r = subprocess.run(["cargo", "test", "--no-fail-fast"] + TESTS, cwd=ROOT, capture_output=True, text=True, timeout=600)
         out = r.stdout + r.stderr
         failed = sorted(set(l.split()[1] for l in out.splitlines() if l.startswith("test ") and l.endswith("FAILED")))
+        # tests/mutants.rs fails under every mutation (the anchor it looks for is gone
+        # while the mutation is applied): it proves nothing about the guard.
+        failed = [t for t in failed if t != ANCHOR_TEST]
         verdict = "caught" if r.returncode != 0 and failed else "NOT CAUGHT"
         print(f"{name}: {verdict} by {failed}", flush=True)
         if verdict != "caught":
