@@ -23,7 +23,6 @@ M = [
  ("M17 claim ignores quarantine", "lua/claim.lua", "if now < quarantine then", "if false then"),
  ("M18 epoch change unnoticed", "lua/epoch.lua", "elseif seen ~= '' and current ~= seen then", "elseif false then"),
  ("M19 lease counter not time-based", "lua/claim.lua", "local lease = now * 100\n", "local lease = 0\n"),
- ("M20 lost counter not time-based", "lua/epoch.lua", "    floor = math.max(floor, now * 100)\n", ""),
  ("M21 claim's reads not type-checked", "lua/common.lua", "  if type(r) == 'table' and r.err then\n    check_type(key, want)", "  if false then\n    check_type(key, want)"),
  ("M22 claim's stale check reads the wrong task", "lua/claim.lua", "    local ended_at = ended[i]", "    local ended_at = ended[1]"),
  ("M23 slot read skips the check of start", "lua/common.lua", "  if not is_int(r[6]) then", "  if false then"),

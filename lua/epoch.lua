@@ -9,9 +9,8 @@
 -- replica recreated it after such a loss) reports LOST: the quarantine then holds
 -- back every claim until quarantine_until_ms (the epoch's creation + ARGV[3]), so
 -- tasks of the lost generation can finish or time out first, and the lease counter
--- is raised past every lease this replica has seen and, when it is missing,
--- restarted from Redis time in ms x 100 (as claim.lua does), so no lease number
--- repeats.
+-- is raised past every lease this replica has seen (claim.lua keeps every lease at
+-- or above Redis time in ms x 100 besides), so no lease number repeats.
 -- The task index is split in `task_buckets` hashes, fixed when the epoch is created
 -- (from the creating replica's slot count): every replica must agree on it, so it
 -- lives here and changes only with the epoch.
@@ -81,14 +80,11 @@ if verdict == 'LOST' then
   if seen ~= '' then
     redis.call('HSET', epoch_key, 'previous_id', seen)
   end
-  -- A lost counter restarts from Redis time (as in claim.lua), and never below a
-  -- lease this replica saw: others may have handed out leases it never saw.
-  local floor = max_lease
-  if not last_lease then
-    floor = math.max(floor, now * 100)
-  end
-  if floor > strict_int(last_lease or '0') then
-    redis.call('SET', lease_key, floor)
+  -- Never below a lease this replica saw. Others may have handed out leases it never
+  -- saw: claim.lua's floor of Redis time in ms x 100 outruns those by the end of the
+  -- quarantine.
+  if max_lease > strict_int(last_lease or '0') then
+    redis.call('SET', lease_key, max_lease)
   end
 end
 return {verdict, current, until_ms, buckets}
