@@ -372,15 +372,9 @@ async fn the_largest_chunks_take_max_chunk_slots_per_call() {
     assert_eq!(slots_per_call(&lines, "free.lua"), [n]);
 }
 
-/// `total_connections_received` of `INFO stats`: connections the server has accepted.
+/// Connections the server has accepted (`INFO stats`).
 async fn connections_received(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = redis::cmd("INFO").arg("stats").query_async(conn).await.unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_connections_received:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    common::info_number(conn, "stats", "total_connections_received:").await
 }
 
 #[tokio::test]

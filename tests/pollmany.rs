@@ -252,14 +252,7 @@ fn assert_swept_and_refilled_once(fake: &Fake, n: usize) {
 /// `errorstat_NOSCRIPT` of `INFO errorstats`: how many calls the server has answered
 /// NOSCRIPT so far.
 async fn noscript_replies(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("errorstats")
-        .query_async(conn)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("errorstat_NOSCRIPT:count="))
-        .map_or(0, |n| n.trim().parse().unwrap())
+    common::info_number(conn, "errorstats", "errorstat_NOSCRIPT:count=").await
 }
 
 async fn flush_scripts(conn: &mut redis::aio::MultiplexedConnection) {

@@ -208,6 +208,15 @@ pub async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
+/// The number after `prefix` on a line of `INFO <section>` (0 when no line has it:
+/// Redis leaves out counters that are still 0, such as `errorstat_NOSCRIPT:count=`).
+pub async fn info_number(conn: &mut redis::aio::MultiplexedConnection, section: &str, prefix: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg(section).query_async(conn).await.unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
 /// The key names the README documents, for tests that look at Redis directly.
 pub fn key(name: &str, rest: &str) -> String {
     format!("task_semaphore:{{{name}}}:{rest}")

@@ -468,7 +468,7 @@ async fn demo(args: &[String]) -> Result<(), String> {
     println!("  finished          {finished}");
     println!("  timed out         {timed_out}");
     println!("  keepalives sent   {keepalives}");
-    // Lease numbers start at Redis time in ms x 100 (README, "Redis keys"), so the
+    // Lease numbers are at least Redis time in ms x 100 (README, "Redis keys"), so the
     // last one is no count: the starts are.
     println!("  starts            {starts}, one lease each (the last: {last_lease})");
     println!("  most running      {max_running} (cap {slots})");
